@@ -1,0 +1,179 @@
+"""The engine shared by every jaxsparse method: an optax wrapper that keeps masks.
+
+A method is ``sparse_transform(inner, init_masks=..., update_masks=...,
+is_update_step=...)``: ``inner`` is any optax optimizer (sgd, adam, a chain,
+``inject_hyperparams(...)``); the method supplies how masks start and how they
+change. One call to ``update`` does, inside one jitted step:
+
+1. ``g <- where(mask, g, 0)``: the inner optimizer never sees gradients of
+   pruned weights;
+2. ``u, inner_state <- inner.update(g, inner_state, params)``;
+3. on a mask-update step (``lax.cond`` on the schedule, so no recompilation):
+   ``new_masks = update_masks(...)`` from the post-step weights
+   ``where(mask, params + u, 0)`` and the raw dense gradient; the inner
+   optimizer's per-weight state (momentum, Adam moments, ...) is zeroed at every
+   weight that was pruned or regrown, with ``optax.tree_map_params``;
+4. returns ``where(old_mask & new_mask, u, -params)``, so that after
+   ``optax.apply_updates`` every masked weight is exactly zero and every
+   regrown weight starts at exactly zero.
+
+How the initial mask reaches the params: the first ``update`` zeroes every
+masked weight (step 4). To make the very first forward pass sparse too, apply
+the masks once after ``init``:
+``params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))``.
+
+The wrapper must be the last transform in a chain (transforms before it, such
+as gradient clipping, are fine): a transform after it would change the updates
+that keep masked weights at zero.
+
+Mask-update steps whose post-step weights or gradients contain NaN or inf are
+skipped (masks and inner state's reset unchanged), so a bad step cannot corrupt
+the masks; the normal optimizer step still runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxsparse import masks as masks_lib
+from jaxsparse.masks import Masks, Params
+
+
+class SparseState(NamedTuple):
+  """State of every jaxsparse method.
+
+  Attributes:
+    count: number of ``update`` calls so far (the step the schedules see).
+    key: the method's base PRNG key; update ``t`` uses ``fold_in(key, t)``.
+    masks: the mask tree (see :mod:`jaxsparse.masks`).
+    inner_state: the wrapped optimizer's state.
+    aux: method-specific state (e.g. DSR's threshold); ``()`` when unused.
+  """
+  count: jax.Array
+  key: jax.Array
+  masks: Masks
+  inner_state: optax.OptState
+  aux: Any = ()
+
+
+class MaskUpdateInputs(NamedTuple):
+  """What a method's ``update_masks`` sees at a mask-update step."""
+  step: jax.Array      # int32 step of this update
+  key: jax.Array       # PRNG key for this update
+  params: Params       # post-step weights, where(mask, params + u, 0)
+  grads: Params        # raw dense gradient of this step (before masking)
+  masks: Masks         # masks before the update
+  aux: Any             # method-specific state
+  inner_state: optax.OptState  # inner optimizer state after this step
+
+
+InitMasks = Callable[[Params, jax.Array], tuple[Masks, Any]]
+UpdateMasks = Callable[[MaskUpdateInputs], tuple[Masks, Any]]
+
+
+def map_sparse(fn: Callable[..., jax.Array], masks: Masks, *trees: Any) -> Masks:
+  """``fn(mask, *leaves)`` on sparse leaves; dense leaves keep their scalar mask."""
+  return jax.tree.map(lambda m, *xs: fn(m, *xs) if jnp.ndim(m) else m, masks, *trees)
+
+
+def masks_from_fn(params: Params, sparse_names: Any, fn: Callable[[str, jax.Array, int], jax.Array]
+                  ) -> Masks:
+  """Builds a mask tree: ``fn(name, leaf, index)`` for leaves in ``sparse_names``, else dense."""
+  names = masks_lib.leaf_names(params)
+  leaves, treedef = jax.tree.flatten(params)
+  out = [fn(n, leaf, i) if n in sparse_names else masks_lib.dense_mask()
+         for i, (n, leaf) in enumerate(zip(names, leaves))]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _all_finite(*trees: Any) -> jax.Array:
+  leaves = [x for t in trees for x in jax.tree.leaves(t)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,
+                      keep: Masks) -> optax.OptState:
+  """Zeroes the inner optimizer's per-weight state wherever ``keep`` is False.
+
+  Uses ``optax.tree_map_params`` to find the state leaves shaped like params
+  (momentum, Adam's mu and nu, ...); leaves of another shape (e.g. factored
+  second moments) are left unchanged.
+  """
+  def reset(s, k):
+    if jnp.ndim(k) == 0 or jnp.shape(s) != jnp.shape(k):
+      return s
+    return jnp.where(k, s, jnp.zeros_like(s))
+
+  return optax.tree_map_params(inner, reset, inner_state, keep)
+
+
+def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMasks,
+                     update_masks: UpdateMasks | None,
+                     is_update_step: Callable[[jax.Array], jax.Array],
+                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that it trains only the weights the masks keep.
+
+  Args:
+    inner: the optax optimizer to wrap.
+    init_masks: ``(params, key) -> (masks, aux)``, called once by ``init``.
+    update_masks: ``MaskUpdateInputs -> (masks, aux)``, called under
+      ``lax.cond`` when ``is_update_step(step)``; ``None`` for fixed masks.
+    is_update_step: ``step -> bool`` (traced).
+    seed: seed of the method's PRNG key.
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+  if not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed must be an int, got {seed!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params: Params) -> SparseState:
+    key = jax.random.key(int(seed))
+    masks, aux = init_masks(params, jax.random.fold_in(key, 2**31 - 1))
+    masks_lib.check_masks(params, masks)
+    return SparseState(count=jnp.zeros([], jnp.int32), key=key, masks=masks,
+                       inner_state=inner.init(params), aux=aux)
+
+  def update_fn(updates: optax.Updates, state: SparseState, params: Params | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, SparseState]:
+    if params is None:
+      raise ValueError("params: jaxsparse methods need params in update(updates, state, params)")
+    masks = state.masks
+    grads = updates
+    masked_grads = masks_lib.apply_masks(grads, masks)
+    u, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
+
+    new_masks, aux = masks, state.aux
+    if update_masks is not None:
+      def do_update(operands):
+        masks, aux, inner_state = operands
+        cand = jax.tree.map(lambda p, du, m: jnp.where(m, p + du, jnp.zeros_like(p)),
+                            params, u, masks)
+        inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
+                                  params=cand, grads=grads, masks=masks, aux=aux,
+                                  inner_state=inner_state)
+        new_masks, new_aux = update_masks(inputs)
+        ok = _all_finite(cand, grads)
+        new_masks = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_masks, masks)
+        new_aux = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_aux, aux)
+        keep = jax.tree.map(jnp.logical_and, new_masks, masks)
+        return new_masks, new_aux, reset_inner_state(inner, inner_state, keep)
+
+      new_masks, aux, inner_state = lax.cond(
+          is_update_step(state.count), do_update, lambda operands: operands,
+          (masks, state.aux, inner_state))
+
+    out = jax.tree.map(
+        lambda du, p, new, old: du if jnp.ndim(new) == 0 else jnp.where(new & old, du, -p),
+        u, params, new_masks, masks)
+    return out, SparseState(count=optax.safe_int32_increment(state.count), key=state.key,
+                            masks=new_masks, inner_state=inner_state, aux=aux)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
