@@ -9,11 +9,12 @@ change. One call to ``update`` does, inside one jitted step:
    pruned weights;
 2. ``u, inner_state <- inner.update(g, inner_state, params)``;
 3. on a mask-update step (``lax.cond`` on the schedule, so no recompilation):
-   ``new_masks = update_masks(...)`` from the post-step weights
+   ``new_masks, survivors = update_masks(...)`` from the post-step weights
    ``where(mask, params + u, 0)`` and the raw dense gradient; the inner
    optimizer's per-weight state (momentum, Adam moments, ...) is zeroed at every
-   weight that was pruned or regrown, with ``optax.tree_map_params``;
-4. returns ``where(old_mask & new_mask, u, -params)``, so that after
+   weight that is not a survivor (pruned or (re)grown), with
+   ``optax.tree_map_params``;
+4. returns ``where(survivors, u, -params)``, so that after
    ``optax.apply_updates`` every masked weight is exactly zero and every
    regrown weight starts at exactly zero.
 
@@ -73,8 +74,24 @@ class MaskUpdateInputs(NamedTuple):
   inner_state: optax.OptState  # inner optimizer state after this step
 
 
+class MaskUpdate(NamedTuple):
+  """What a method's ``update_masks`` returns.
+
+  Attributes:
+    masks: the new masks.
+    survivors: the weights that carry over unchanged (value and optimizer
+      state); a subset of old and new masks. Weights in ``masks`` but not in
+      ``survivors`` are (re)grown at zero with zeroed optimizer state, even if
+      they were active before (dropped and regrown in the same update).
+    aux: the method's new ``aux`` state.
+  """
+  masks: Masks
+  survivors: Masks
+  aux: Any = ()
+
+
 InitMasks = Callable[[Params, jax.Array], tuple[Masks, Any]]
-UpdateMasks = Callable[[MaskUpdateInputs], tuple[Masks, Any]]
+UpdateMasks = Callable[[MaskUpdateInputs], MaskUpdate]
 
 
 def map_sparse(fn: Callable[..., jax.Array], masks: Masks, *trees: Any) -> Masks:
@@ -123,7 +140,7 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
   Args:
     inner: the optax optimizer to wrap.
     init_masks: ``(params, key) -> (masks, aux)``, called once by ``init``.
-    update_masks: ``MaskUpdateInputs -> (masks, aux)``, called under
+    update_masks: ``MaskUpdateInputs -> MaskUpdate``, called under
       ``lax.cond`` when ``is_update_step(step)``; ``None`` for fixed masks.
     is_update_step: ``step -> bool`` (traced).
     seed: seed of the method's PRNG key.
@@ -150,30 +167,51 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     masked_grads = masks_lib.apply_masks(grads, masks)
     u, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
 
-    new_masks, aux = masks, state.aux
+    new_masks, survivors, aux = masks, masks, state.aux
     if update_masks is not None:
       def do_update(operands):
-        masks, aux, inner_state = operands
+        masks, _, aux, inner_state = operands
         cand = jax.tree.map(lambda p, du, m: jnp.where(m, p + du, jnp.zeros_like(p)),
                             params, u, masks)
         inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
                                   params=cand, grads=grads, masks=masks, aux=aux,
                                   inner_state=inner_state)
-        new_masks, new_aux = update_masks(inputs)
+        new = update_masks(inputs)
         ok = _all_finite(cand, grads)
-        new_masks = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_masks, masks)
-        new_aux = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_aux, aux)
-        keep = jax.tree.map(jnp.logical_and, new_masks, masks)
-        return new_masks, new_aux, reset_inner_state(inner, inner_state, keep)
+        keep_old = lambda n, o: jnp.where(ok, n, o)
+        new_masks = jax.tree.map(keep_old, new.masks, masks)
+        survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
+                                 new.masks, masks)
+        new_aux = jax.tree.map(keep_old, new.aux, aux)
+        return new_masks, survivors, new_aux, reset_inner_state(inner, inner_state, survivors)
 
-      new_masks, aux, inner_state = lax.cond(
+      new_masks, survivors, aux, inner_state = lax.cond(
           is_update_step(state.count), do_update, lambda operands: operands,
-          (masks, state.aux, inner_state))
+          (masks, masks, state.aux, inner_state))
 
     out = jax.tree.map(
-        lambda du, p, new, old: du if jnp.ndim(new) == 0 else jnp.where(new & old, du, -p),
-        u, params, new_masks, masks)
+        lambda du, p, keep: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, -p),
+        u, params, survivors)
     return out, SparseState(count=optax.safe_int32_increment(state.count), key=state.key,
                             masks=new_masks, inner_state=inner_state, aux=aux)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def get_sparse_state(opt_state: optax.OptState) -> SparseState:
+  """Finds the one :class:`SparseState` inside any optimizer state.
+
+  Works through ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``
+  and ``nnx.Optimizer`` states, by walking the pytree.
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparseState))
+           if isinstance(x, SparseState)]
+  if len(found) != 1:
+    raise ValueError(f"opt_state: expected exactly one jaxsparse SparseState, found {len(found)}; "
+                     "was the optimizer built with (exactly one) jaxsparse method?")
+  return found[0]
+
+
+def get_masks(opt_state: optax.OptState) -> Masks:
+  """The mask tree held by the jaxsparse method inside ``opt_state``."""
+  return get_sparse_state(opt_state).masks

@@ -103,7 +103,8 @@ def _pruning(inner, sparsity_at: Callable[[jax.Array], jax.Array], final_sparsit
 
   def update_masks(x: core.MaskUpdateInputs):
     frac = sparsity_at(x.step) / s_f if s_f > 0 else jnp.float32(1.0)
-    return prune_to_fraction(score_fn(x), x.masks, counts(x.params), frac, scope, x.params), x.aux
+    new = prune_to_fraction(score_fn(x), x.masks, counts(x.params), frac, scope, x.params)
+    return core.MaskUpdate(new, new, x.aux)
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, seed=seed)

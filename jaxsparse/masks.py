@@ -155,16 +155,3 @@ def summary(params: Params, masks: Masks) -> str:
     s = 1 - kept / total if total else 0.0
     lines.append(f"{'total (' + label + ')':<{width}}  {'':<16} {kept:>12,} {total:>12,} {s:>9.2%}")
   return "\n".join(lines)
-
-
-def get_masks(opt_state: optax.OptState) -> Masks:
-  """Finds the masks inside any optimizer state built with a jaxsparse method.
-
-  Works through ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``
-  and ``nnx.Optimizer`` states (it looks up the ``masks`` field by name with
-  ``optax.tree_utils.tree_get``).
-  """
-  masks = optax.tree_utils.tree_get(opt_state, "masks")
-  if masks is None:
-    raise ValueError("opt_state: no 'masks' field found; was the optimizer built with a jaxsparse method?")
-  return masks

@@ -80,15 +80,18 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
     z = zeta_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    new = []
+    new, survivors = [], []
     for i, (m, w) in enumerate(zip(leaves, ws)):
       if not masks_lib.is_sparse(m):
         new.append(m)
+        survivors.append(m)
         continue
       kept = set_prune(w, m, z)
       n_grow = jnp.sum(m, dtype=jnp.int32) - jnp.sum(kept, dtype=jnp.int32)
       new.append(random_regrow(jax.random.fold_in(x.key, i), kept, n_grow))
-    return jax.tree.unflatten(treedef, new), x.aux
+      survivors.append(kept)
+    return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
+                           x.aux)
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, seed=seed)

@@ -1,0 +1,302 @@
+"""Reference models of the sparse-training literature, in flax.linen and flax.nnx.
+
+Naming convention: each model has a ``flax.linen`` class (``LeNet300100``,
+``LeNet5Caffe``, ``MLP``) and a ``flax.nnx`` twin with the same name plus the
+suffix ``NNX`` (``LeNet300100NNX``, ...). Twins have the same layers under the
+same names, so their parameter trees have the same leaves:
+
+* ``LeNet300100`` / ``MLP``: ``fc1``, ``fc2``, ... (``Dense``/``Linear``:
+  ``kernel`` and, with ``use_bias``, ``bias``), plus ``bn1``, ``bn2``, ...
+  (``BatchNorm``: ``scale``, ``bias``; stats ``mean``, ``var``) with
+  ``batch_norm=True``;
+* ``LeNet5Caffe``: ``conv1``, ``conv2`` (``kernel`` of rank 4, ``bias``),
+  ``fc1``, ``fc2``.
+
+Weight matrices and conv kernels are exactly the leaves named ``kernel`` of
+rank >= 2, the usual target of sparsification.
+
+All models take NHWC images (or any ``(N, ...)`` array for the MLPs) and
+return logits; ``__call__(x, train=False)``: ``train`` only matters with
+BatchNorm (batch statistics and, in linen, ``mutable=["batch_stats"]``).
+The nnx classes need the input shape at construction, to size their layers;
+their BatchNorm is driven by the ``train`` argument, not by ``.train()``/``.eval()``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _check_features(features: Sequence[int], num_classes: int) -> None:
+  if not all(isinstance(f, numbers.Integral) and f > 0 for f in features):
+    raise ValueError(f"features must be positive integers, got {features!r}.")
+  if not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+
+
+def resolve_lenet5_padding(padding: str | None, height: int, width: int) -> str:
+  """The conv padding LeNet-5-Caffe uses on ``height x width`` inputs.
+
+  ``padding=None`` means automatic: ``"VALID"`` (Caffe's, 28x28 -> 4x4x50
+  features) for inputs of at least 28x28, else ``"SAME"`` (8x8 digits would
+  shrink to nothing with VALID 5x5 convs). Explicit ``"VALID"``/``"SAME"``
+  are kept.
+
+  Raises:
+    ValueError: naming ``padding`` for another value, or when VALID convs
+      leave no spatial extent.
+  """
+  if padding is None:
+    padding = "VALID" if min(height, width) >= 28 else "SAME"
+  if padding not in ("VALID", "SAME"):
+    raise ValueError(f"padding must be None, 'VALID' or 'SAME', got {padding!r}.")
+  if min(_lenet5_spatial(height, width, padding)) < 1:
+    raise ValueError(f"padding='VALID' needs inputs of at least 16x16, got {height}x{width}; "
+                     "use padding='SAME' or None.")
+  return padding
+
+
+def _lenet5_spatial(height: int, width: int, padding: str) -> tuple[int, int]:
+  """Spatial size after conv5 -> pool2 -> conv5 -> pool2."""
+
+  def size(s):
+    for _ in range(2):
+      s = s - 4 if padding == "VALID" else s
+      s = s // 2
+    return s
+
+  return size(height), size(width)
+
+
+def _image_batch(x: jax.Array) -> jax.Array:
+  """Adds a channel axis to ``(N, H, W)`` inputs."""
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(f"LeNet-5 expects (N, H, W, C) or (N, H, W) inputs, got shape {x.shape}.")
+  return x
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+# ------------------------------------------------------------------ flax.linen
+
+
+def _linen_dense_stack(x: jax.Array, features: Sequence[int], num_classes: int, use_bias: bool,
+                       batch_norm: bool, train: bool) -> jax.Array:
+  """The MLP body; call inside an ``nn.compact`` method (layers attach to that module)."""
+  _check_features(features, num_classes)
+  x = x.reshape((x.shape[0], -1))
+  for i, width in enumerate(features, start=1):
+    x = nn.Dense(width, use_bias=use_bias, name=f"fc{i}")(x)
+    if batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                       name=f"bn{i}")(x)
+    x = nn.relu(x)
+  return nn.Dense(num_classes, use_bias=use_bias, name=f"fc{len(features) + 1}")(x)
+
+
+class MLP(nn.Module):
+  """Flatten -> [Dense(f) -> (BatchNorm) -> relu] for f in ``features`` -> Dense(num_classes).
+
+  Layers are named ``fc1`` .. ``fc{len(features)+1}`` and ``bn1`` .. ``bn{len(features)}``.
+  E.g. ``MLP((2048, 2048, 2048))`` on 28x28 inputs has 10,020,874 params.
+  """
+
+  features: Sequence[int]
+  num_classes: int = 10
+  use_bias: bool = True
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return _linen_dense_stack(x, tuple(self.features), self.num_classes, self.use_bias,
+                              self.batch_norm, train)
+
+
+class LeNet300100(nn.Module):
+  """LeNet-300-100: flatten -> fc1(300) -> relu -> fc2(100) -> relu -> fc3(num_classes).
+
+  266,610 params on 28x28 inputs with 10 classes and biases. With
+  ``batch_norm=True`` a BatchNorm (``bn1``, ``bn2``) follows each hidden
+  Dense, before the relu; the DSR paper's MNIST setup is
+  ``use_bias=False, batch_norm=True``.
+  """
+
+  num_classes: int = 10
+  use_bias: bool = True
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return _linen_dense_stack(x, (300, 100), self.num_classes, self.use_bias, self.batch_norm,
+                              train)
+
+
+class LeNet5Caffe(nn.Module):
+  """Caffe's LeNet-5: conv1(5x5, 20) -> pool -> conv2(5x5, 50) -> pool -> fc1(500) -> relu -> fc2.
+
+  Pools are 2x2 max pools, stride 2; as in Caffe's ``lenet.prototxt`` the only
+  nonlinearity is the relu after ``fc1``. 431,080 params on 28x28x1 inputs
+  with 10 classes. ``padding`` (see :func:`resolve_lenet5_padding`):
+  ``None`` = ``"VALID"`` for inputs of at least 28x28, ``"SAME"`` for
+  smaller ones (e.g. 8x8 digits: 131,080 params).
+  """
+
+  num_classes: int = 10
+  padding: str | None = None
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No BatchNorm or dropout.
+    x = _image_batch(x)
+    padding = resolve_lenet5_padding(self.padding, x.shape[1], x.shape[2])
+    x = nn.Conv(20, (5, 5), padding=padding, use_bias=self.use_bias, name="conv1")(x)
+    x = _max_pool(x)
+    x = nn.Conv(50, (5, 5), padding=padding, use_bias=self.use_bias, name="conv2")(x)
+    x = _max_pool(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(500, use_bias=self.use_bias, name="fc1")(x))
+    return nn.Dense(self.num_classes, use_bias=self.use_bias, name="fc2")(x)
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "lenet300": LeNet300100,
+    "lenet5": LeNet5Caffe,
+    "mlp": MLP,
+}
+"""Model name -> flax.linen class."""
+
+
+def _lookup(registry: dict[str, Any], name: str) -> Any:
+  if name not in registry:
+    raise ValueError(f"Unknown model name {name!r}; known names: {sorted(registry)}.")
+  return registry[name]
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+  """A flax.linen model from :data:`MODELS`, e.g. ``create_model("mlp", 10, features=(2048,) * 3)``.
+
+  Raises:
+    ValueError: for an unknown ``name`` (the message lists the known names).
+  """
+  return _lookup(MODELS, name)(num_classes=num_classes, **kwargs)
+
+
+def init_params(model: nn.Module, input_shape: Sequence[int], seed: int = 0) -> dict[str, Any]:
+  """Initializes a linen model on a dummy batch of one ``input_shape`` example (no batch axis).
+
+  Returns:
+    The variables dict: ``{"params": ...}`` plus ``"batch_stats"`` for
+    models with BatchNorm.
+  """
+  x = jnp.zeros((1, *tuple(input_shape)), jnp.float32)
+  return dict(model.init(jax.random.key(seed), x, train=False))
+
+
+# ------------------------------------------------------------------ flax.nnx
+
+
+class MLPNNX(nnx.Module):
+  """nnx twin of :class:`MLP`: attributes ``fc1`` .. and, with ``batch_norm``, ``bn1`` ..
+
+  Args:
+    input_shape: shape of one example (no batch axis); flattened to the input width.
+    features: hidden widths.
+    num_classes: output width.
+    use_bias: biases in the Linear layers.
+    batch_norm: BatchNorm after each hidden Linear, before the relu.
+    rngs: ``nnx.Rngs`` for initialization.
+  """
+
+  def __init__(self, input_shape: Sequence[int], features: Sequence[int], num_classes: int = 10,
+               *, use_bias: bool = True, batch_norm: bool = False, rngs: nnx.Rngs):
+    features = tuple(features)
+    _check_features(features, num_classes)
+    self.num_hidden = len(features)
+    self.batch_norm = batch_norm
+    widths = (math.prod(input_shape), *features, num_classes)
+    for i in range(len(widths) - 1):
+      setattr(self, f"fc{i + 1}", nnx.Linear(widths[i], widths[i + 1], use_bias=use_bias,
+                                              rngs=rngs))
+      if batch_norm and i < len(features):
+        setattr(self, f"bn{i + 1}", nnx.BatchNorm(widths[i + 1], momentum=BN_MOMENTUM,
+                                                   epsilon=BN_EPSILON, rngs=rngs))
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    for i in range(1, self.num_hidden + 1):
+      x = getattr(self, f"fc{i}")(x)
+      if self.batch_norm:
+        x = getattr(self, f"bn{i}")(x, use_running_average=not train)
+      x = nnx.relu(x)
+    return getattr(self, f"fc{self.num_hidden + 1}")(x)
+
+
+class LeNet300100NNX(MLPNNX):
+  """nnx twin of :class:`LeNet300100` (an :class:`MLPNNX` with features ``(300, 100)``)."""
+
+  def __init__(self, input_shape: Sequence[int], num_classes: int = 10, *, use_bias: bool = True,
+               batch_norm: bool = False, rngs: nnx.Rngs):
+    super().__init__(input_shape, (300, 100), num_classes, use_bias=use_bias,
+                     batch_norm=batch_norm, rngs=rngs)
+
+
+class LeNet5CaffeNNX(nnx.Module):
+  """nnx twin of :class:`LeNet5Caffe`; ``input_shape`` is ``(H, W, C)`` (or ``(H, W)``)."""
+
+  def __init__(self, input_shape: Sequence[int], num_classes: int = 10, *,
+               padding: str | None = None, use_bias: bool = True, rngs: nnx.Rngs):
+    if len(input_shape) not in (2, 3):
+      raise ValueError(f"input_shape must be (H, W, C) or (H, W), got {tuple(input_shape)}.")
+    height, width = input_shape[0], input_shape[1]
+    channels = input_shape[2] if len(input_shape) == 3 else 1
+    self.padding = resolve_lenet5_padding(padding, height, width)
+    out_h, out_w = _lenet5_spatial(height, width, self.padding)
+    self.conv1 = nnx.Conv(channels, 20, (5, 5), padding=self.padding, use_bias=use_bias,
+                          rngs=rngs)
+    self.conv2 = nnx.Conv(20, 50, (5, 5), padding=self.padding, use_bias=use_bias, rngs=rngs)
+    self.fc1 = nnx.Linear(out_h * out_w * 50, 500, use_bias=use_bias, rngs=rngs)
+    self.fc2 = nnx.Linear(500, num_classes, use_bias=use_bias, rngs=rngs)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # No BatchNorm or dropout.
+    x = _max_pool(self.conv1(_image_batch(x)))
+    x = _max_pool(self.conv2(x))
+    x = x.reshape((x.shape[0], -1))
+    return self.fc2(nnx.relu(self.fc1(x)))
+
+
+NNX_MODELS: dict[str, type[nnx.Module]] = {
+    "lenet300": LeNet300100NNX,
+    "lenet5": LeNet5CaffeNNX,
+    "mlp": MLPNNX,
+}
+"""Model name -> flax.nnx class (same names as :data:`MODELS`)."""
+
+
+def create_nnx_model(name: str, input_shape: Sequence[int], num_classes: int = 10, *,
+                     seed: int = 0, **kwargs: Any) -> nnx.Module:
+  """A flax.nnx model from :data:`NNX_MODELS`, initialized with ``nnx.Rngs(seed)``.
+
+  E.g. ``create_nnx_model("mlp", (28, 28, 1), 10, features=(2048,) * 3)``.
+
+  Raises:
+    ValueError: for an unknown ``name`` (the message lists the known names).
+  """
+  cls = _lookup(NNX_MODELS, name)
+  return cls(tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs)

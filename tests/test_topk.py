@@ -1,0 +1,65 @@
+"""Exact-count selection against a numpy stable-sort reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jaxsparse import topk
+
+floats = hnp.arrays(np.float32, st.integers(1, 60),
+                    elements=st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+                    | st.floats(-10, 10, width=32))
+
+
+def reference_smallest(x, k, valid):
+  idx = np.flatnonzero(valid)
+  order = idx[np.argsort(x[idx], kind="stable")]
+  out = np.zeros(x.shape, bool)
+  out[order[:min(k, len(idx))]] = True
+  return out
+
+
+@given(floats, st.integers(0, 70), st.integers(0, 2**31 - 1))
+def test_smallest_k_matches_stable_sort(x, k, seed):
+  x = x + 0.0  # no negative zeros: numpy sorts -0.0 == 0.0 by index
+  valid = np.random.default_rng(seed).random(x.shape) < 0.7
+  got = np.asarray(jax.jit(topk.smallest_k_mask)(jnp.asarray(x), k, jnp.asarray(valid)))
+  np.testing.assert_array_equal(got, reference_smallest(x, k, valid))
+  assert got.sum() == min(k, valid.sum())
+
+
+@given(floats, st.integers(0, 60))
+def test_top_k_and_bisection_agree_on_ties(x, k):
+  x = x + 0.0
+  k = min(k, x.size)
+  a = np.asarray(jax.jit(topk.largest_k_mask)(jnp.asarray(x), k))
+  b = np.asarray(jax.jit(topk.top_k_mask, static_argnums=1)(jnp.asarray(x), k))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, reference_smallest(-x, k, np.ones(x.shape, bool)))
+
+
+def test_all_equal_values_take_lowest_indices():
+  got = np.asarray(topk.smallest_k_mask(jnp.ones((4, 5)), 7))
+  assert got.reshape(-1).tolist() == [True] * 7 + [False] * 13
+
+
+def test_nan_never_selected():
+  x = jnp.array([jnp.nan, 1.0, jnp.nan, 0.5])
+  assert np.asarray(topk.smallest_k_mask(x, 4)).tolist() == [False, True, False, True]
+
+
+def test_random_k_exact_and_uniform():
+  valid = jnp.arange(10) % 2 == 0
+  keys = jax.random.split(jax.random.key(0), 400)
+  ms = np.asarray(jax.jit(jax.vmap(lambda k: topk.random_k_mask(k, 2, valid)))(keys))
+  assert (ms.sum(1) == 2).all() and not ms[:, ~np.asarray(valid)].any()
+  counts = ms.sum(0)
+  # each of the 5 valid entries is chosen with probability 2/5: 160 +- ~30 over 400 draws
+  assert np.all(np.abs(counts[::2] - 160) < 40), counts
+
+
+def test_top_k_rejects_bad_k():
+  with pytest.raises(ValueError, match="k must be"):
+    topk.top_k_mask(jnp.ones(3), 4)
