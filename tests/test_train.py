@@ -1,0 +1,55 @@
+"""End to end on real data (scikit-learn's digits): the README's main job."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from experiments import train as train_cli
+from jaxsparse import training
+
+
+def test_set_lenet300_90_percent_sparse_reaches_90_percent_on_digits():
+  t0 = time.process_time()
+  result = training.train(dataset="digits", model="lenet300", method="set", sparsity=0.9,
+                          epochs=30, batch_size=32, seed=0, progress=False, log=None)
+  cpu_seconds = time.process_time() - t0
+  assert result["final_test_accuracy"] >= 0.90, result["history"][-1]
+  assert cpu_seconds < 60, cpu_seconds
+  assert result["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
+  params = result["state"].params
+  sparse_kernels = [np.asarray(params[k]["kernel"]) for k in ("fc1", "fc2", "fc3")]
+  nnz = sum(np.count_nonzero(w) for w in sparse_kernels)
+  assert nnz <= round(0.1 * sum(w.size for w in sparse_kernels))
+
+
+def test_cli_writes_results_json(tmp_path):
+  out = tmp_path / "r.json"
+  train_cli.main(["--method", "static", "--epochs", "2", "--sparsity", "0.5", "--out", str(out),
+                  "--no-progress"])
+  r = json.loads(out.read_text())
+  assert r["config"]["method"] == "static" and r["config"]["sparsity"] == 0.5
+  assert len(r["history"]) == 2 and 0.0 <= r["final_test_accuracy"] <= 1.0
+  assert r["layers"]["fc1/bias"]["sparse"] is False and r["layers"]["fc1/kernel"]["sparse"]
+  total_kept = sum(v["kept"] for v in r["layers"].values() if v["sparse"])
+  total = sum(v["total"] for v in r["layers"].values() if v["sparse"])
+  assert total_kept == round(0.5 * total)
+  assert r["seconds_per_epoch"] > 0
+
+
+@pytest.mark.parametrize("method", training.METHODS)
+def test_every_method_trains_and_ends_at_its_sparsity(method):
+  result = training.train(dataset="digits", model="lenet300", method=method, sparsity=0.8,
+                          epochs=4, batch_size=64, progress=False, log=None)
+  expected = 0.0 if method == "dense" else 0.8
+  assert result["final_sparsity"] == pytest.approx(expected, abs=1e-4)
+  assert result["final_test_accuracy"] > 0.3  # well above chance (0.1) after 4 short epochs
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="method"):
+    training.make_method("rigl2", None, 0.5, total_steps=10, steps_per_epoch=1)
+  with pytest.raises(ValueError, match="optimizer"):
+    training.make_optimizer("lbfgs2", 0.1)
+  with pytest.raises(ValueError, match="epochs"):
+    training.train(epochs=0, progress=False)
