@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 BN_MOMENTUM = 0.9
+"""BatchNorm running stats: ``new = 0.9 * old + 0.1 * batch`` (PyTorch's default), linen and nnx alike."""
 BN_EPSILON = 1e-5
 
 
@@ -62,8 +63,9 @@ def resolve_lenet5_padding(padding: str | None, height: int, width: int) -> str:
   if padding not in ("VALID", "SAME"):
     raise ValueError(f"padding must be None, 'VALID' or 'SAME', got {padding!r}.")
   if min(_lenet5_spatial(height, width, padding)) < 1:
-    raise ValueError(f"padding='VALID' needs inputs of at least 16x16, got {height}x{width}; "
-                     "use padding='SAME' or None.")
+    hint = "VALID needs at least 16x16; use padding='SAME' or None" if padding == "VALID" else (
+        "SAME needs at least 4x4")
+    raise ValueError(f"padding={padding!r} leaves no features on {height}x{width} inputs ({hint}).")
   return padding
 
 
