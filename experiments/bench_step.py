@@ -30,15 +30,19 @@ MODELS = {
 }
 
 
-def median_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (and compilation)
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+  """Median seconds of each fn; the fns are timed in turn within each repeat, so
+  that drift in a shared machine's load hits all of them alike."""
+  for fn in fns.values():  # warm-up (and compilation)
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(model_name: str, sparsity: float, batch_size: int, repeats: int) -> dict:
@@ -64,7 +68,6 @@ def bench(model_name: str, sparsity: float, batch_size: int, repeats: int) -> di
   inner = optax.sgd(0.01, momentum=0.9)
   dense_step = make_step(inner)
   dense_state = inner.init(params)
-  t_dense = median_time(lambda: dense_step(params, dense_state), repeats)
 
   period = 100
   tx = js.set(optax.sgd(0.01, momentum=0.9), sparsity, update_period=period)
@@ -73,8 +76,10 @@ def bench(model_name: str, sparsity: float, batch_size: int, repeats: int) -> di
   sparse_params = js.apply_masks(params, state.masks)
   off = state._replace(count=jnp.int32(1))       # not an update step
   on = state._replace(count=jnp.int32(period))   # an update step
-  t_off = median_time(lambda: sparse_step(sparse_params, off), repeats)
-  t_on = median_time(lambda: sparse_step(sparse_params, on), max(3, repeats // 4))
+  t = interleaved_medians({"dense": lambda: dense_step(params, dense_state),
+                           "off": lambda: sparse_step(sparse_params, off),
+                           "on": lambda: sparse_step(sparse_params, on)}, repeats)
+  t_dense, t_off, t_on = t["dense"], t["off"], t["on"]
   return dict(model=model_name, params=int(n_params), sparsity=sparsity, batch_size=batch_size,
               dense_ms=t_dense * 1e3, set_non_update_ms=t_off * 1e3, set_update_ms=t_on * 1e3,
               ratio_non_update=t_off / t_dense, ratio_update=t_on / t_dense,

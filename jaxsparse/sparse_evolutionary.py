@@ -36,7 +36,10 @@ def set_prune(w: jax.Array, mask: jax.Array, zeta: jax.Array) -> jax.Array:
   neg = mask & (w < 0)
   k_pos = jnp.floor(zeta * jnp.sum(pos)).astype(jnp.int32)
   k_neg = jnp.floor(zeta * jnp.sum(neg)).astype(jnp.int32)
-  drop = topk.smallest_k_mask(w, k_pos, pos) | topk.largest_k_mask(w, k_neg, neg)
+  # Both sides in one selection: the k_pos smallest |w| among positives (group 0)
+  # and the k_neg smallest |w| among negatives (group 1).
+  drop = topk.smallest_k_per_group(jnp.abs(w), (w < 0).astype(jnp.int32),
+                                   jnp.stack([k_pos, k_neg]), pos | neg)
   return (pos | neg) & ~drop
 
 

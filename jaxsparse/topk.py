@@ -3,9 +3,10 @@
 Mask updates need "the k smallest |w| among the active weights" where k is
 often only known on device (it depends on the step, or on how many weights
 are positive). :func:`smallest_k_mask` answers that in O(n) passes instead of
-a full sort: it bisects on the 32-bit order-preserving integer key of each
-float32 score for the k-th value (32 counting passes), takes every score below
-it and breaks ties at it by lower flat index, so exactly
+a full sort: it finds the k-th value by a two-pass radix select (histograms of
+the high and then the low 16 bits of each float32 score's order-preserving
+integer key), takes every score below it and breaks ties at it by lower flat
+index, so exactly
 ``min(k, count(valid))`` entries are selected.
 
 :func:`top_k_mask` does the same with ``jax.lax.top_k`` when k is a static
@@ -19,11 +20,49 @@ import jax.numpy as jnp
 from jax import lax
 
 
+_BINS = 1 << 16
+
+
 def _order_key(x: jax.Array) -> jax.Array:
   """Maps float32 to uint32 so that unsigned order equals float order (-0.0 < +0.0)."""
   bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
   sign = bits >> 31
   return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _per_element(values: jax.Array, group: jax.Array) -> jax.Array:
+  """``values[group]`` for a small static number of groups, by selects (no gather)."""
+  out = jnp.broadcast_to(values[0], group.shape)
+  for g in range(1, values.shape[0]):
+    out = jnp.where(group == g, values[g], out)
+  return out
+
+
+def _kth_keys(key: jax.Array, group: jax.Array, ok: jax.Array, k: jax.Array,
+              num_groups: int) -> jax.Array:
+  """Per group g, the smallest uint32 ``t_g`` with ``count(ok & group == g & key <= t_g) >= k[g]``.
+
+  A two-pass radix select: pass 1 histograms the high 16 bits of the valid
+  keys (one 65536-bin histogram per group, filled by one scatter-add) and
+  finds the bucket holding each group's k-th key; pass 2 histograms the low
+  16 bits inside those buckets.
+  """
+  ones = ok.astype(jnp.int32)
+  hi = (key >> 16).astype(jnp.int32)
+  offset = 0 if num_groups == 1 else group * _BINS
+  h1 = jnp.zeros(num_groups * _BINS, jnp.int32).at[offset + hi].add(ones, mode="promise_in_bounds")
+  h1 = h1.reshape(num_groups, _BINS)
+  c1 = jnp.cumsum(h1, axis=1)
+  b = jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c1, k)
+  b = jnp.clip(b, 0, _BINS - 1)
+  rows = jnp.arange(num_groups)
+  need = k - (c1[rows, b] - h1[rows, b])
+  lo = (key & 0xFFFF).astype(jnp.int32)
+  in_bucket = ones * (hi == _per_element(b, group))
+  h2 = jnp.zeros(num_groups * _BINS, jnp.int32).at[offset + lo].add(in_bucket, mode="promise_in_bounds")
+  c2 = jnp.cumsum(h2.reshape(num_groups, _BINS), axis=1)
+  l = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c2, need), 0, _BINS - 1)
+  return (b.astype(jnp.uint32) << 16) | l.astype(jnp.uint32)
 
 
 def smallest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
@@ -32,31 +71,52 @@ def smallest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | No
 
   Exactly ``min(k, count(valid))`` entries are True; ties at the threshold go
   to the lower flat (row-major) index. ``k`` may be traced. NaN scores are
-  never valid. Cost: 32 counting passes over ``scores`` plus one cumsum.
+  never valid. Cost: two histogram passes over ``scores`` (a cumsum more when
+  there are ties at the threshold).
   """
-  shape = scores.shape
   x = scores.reshape(-1)
   ok = ~jnp.isnan(x) if valid is None else valid.reshape(-1) & ~jnp.isnan(x)
-  key = _order_key(x)
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.sum(ok, dtype=jnp.int32))
+  group = jnp.zeros(x.shape, jnp.int32)
+  return _select_smallest(_order_key(x), group, ok, jnp.reshape(k, (1,)), 1).reshape(scores.shape)
 
-  def count_le(t):
-    return jnp.sum(ok & (key <= t), dtype=jnp.int32)
 
-  # Smallest t with count_le(t) >= k, by bisection on [lo, hi]; invariant count_le(hi) >= k.
-  def body(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    enough = count_le(mid) >= k
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+def smallest_k_per_group(scores: jax.Array, groups: jax.Array, k: jax.Array,
+                         valid: jax.Array | None = None) -> jax.Array:
+  """The ``k[g]`` smallest ``scores`` within each group ``g`` (``groups`` int in [0, len(k))).
 
-  lo, _ = lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-  below = ok & (key < lo)
-  at = ok & (key == lo)
-  need = k - jnp.sum(below, dtype=jnp.int32)
-  take_at = at & (jnp.cumsum(at, dtype=jnp.int32) <= need)
-  out = below | take_at
-  return jnp.where(k > 0, out, jnp.zeros_like(out)).reshape(shape)
+  Same exactness and tie rule as :func:`smallest_k_mask`, for all groups in the
+  same two passes (e.g. SET's positive and negative sides at once).
+  """
+  x = scores.reshape(-1)
+  ok = ~jnp.isnan(x) if valid is None else valid.reshape(-1) & ~jnp.isnan(x)
+  return _select_smallest(_order_key(x), groups.reshape(-1).astype(jnp.int32), ok,
+                          jnp.asarray(k, jnp.int32), len(k)).reshape(scores.shape)
+
+
+def _select_smallest(key: jax.Array, group: jax.Array, ok: jax.Array, k: jax.Array,
+                     num_groups: int) -> jax.Array:
+  """Flat mask of the ``k[g]`` smallest uint32 ``key`` among ``ok`` in each group (ties: lower index)."""
+  def per_group_sum(x):  # G is small and static: G cheap reductions beat a scatter
+    if num_groups == 1:
+      return jnp.sum(x, dtype=jnp.int32)[None]
+    return jnp.stack([jnp.sum(x & (group == g), dtype=jnp.int32) for g in range(num_groups)])
+
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, per_group_sum(ok))
+  t = _kth_keys(key, group, ok, k, num_groups)
+  t = _per_element(t, group)
+  below = ok & (key < t)
+  at = ok & (key == t)
+  need = k - per_group_sum(below)
+  n_at = per_group_sum(at)
+
+  def break_ties():  # rank of each tie within its group, by flat index
+    one_hot = at[:, None] & (group[:, None] == jnp.arange(num_groups))
+    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0, dtype=jnp.int32), group[:, None], 1)[:, 0]
+    return at & (rank <= _per_element(need, group))
+
+  # Ties at the threshold are rare: only then pay for a cumsum over n.
+  take_at = lax.cond(jnp.all(n_at <= need), lambda: at, break_ties)
+  return (below | take_at) & (_per_element(k, group) > 0)
 
 
 def largest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
@@ -85,6 +145,11 @@ def top_k_mask(scores: jax.Array, k: int, valid: jax.Array | None = None) -> jax
 
 
 def random_k_mask(key: jax.Array, k: jax.Array | int, valid: jax.Array) -> jax.Array:
-  """Exactly ``min(k, count(valid))`` entries of ``valid``, uniformly at random without replacement."""
-  u = jax.random.uniform(key, valid.shape, jnp.float32)
-  return smallest_k_mask(u, k, valid)
+  """Exactly ``min(k, count(valid))`` entries of ``valid``, uniformly at random without replacement.
+
+  Each valid entry draws 32 random bits; the k smallest are taken (equal draws,
+  probability ~n/2^32 per pair, go to the lower index).
+  """
+  bits = jax.random.bits(key, (valid.size,), jnp.uint32)
+  group = jnp.zeros((valid.size,), jnp.int32)
+  return _select_smallest(bits, group, valid.reshape(-1), jnp.reshape(k, (1,)), 1).reshape(valid.shape)

@@ -63,3 +63,16 @@ def test_random_k_exact_and_uniform():
 def test_top_k_rejects_bad_k():
   with pytest.raises(ValueError, match="k must be"):
     topk.top_k_mask(jnp.ones(3), 4)
+
+
+@given(floats, st.integers(0, 30), st.integers(0, 30), st.integers(0, 2**31 - 1))
+def test_per_group_selection_matches_numpy(x, k0, k1, seed):
+  x = x + 0.0
+  rng = np.random.default_rng(seed)
+  groups = (rng.random(x.shape) < 0.5).astype(np.int32)
+  valid = rng.random(x.shape) < 0.8
+  got = np.asarray(jax.jit(topk.smallest_k_per_group)(
+      jnp.asarray(x), jnp.asarray(groups), jnp.array([k0, k1]), jnp.asarray(valid)))
+  expected = (reference_smallest(x, k0, valid & (groups == 0))
+              | reference_smallest(x, k1, valid & (groups == 1)))
+  np.testing.assert_array_equal(got, expected)
