@@ -9,8 +9,9 @@ change. One call to ``update`` does, inside one jitted step:
    pruned weights;
 2. ``u, inner_state <- inner.update(g, inner_state, params)``;
 3. on a mask-update step (``lax.cond`` on the schedule, so no recompilation):
-   ``new_masks, survivors = update_masks(...)`` from the post-step weights
-   ``where(mask, params + u, 0)`` and the raw dense gradient; the inner
+   ``new_masks, survivors = update_masks(...)`` from the current weights
+   ``where(mask, params, 0)`` and this step's raw dense gradient (both at the
+   same point, as RigL's drop and grow criteria need); the inner
    optimizer's per-weight state (momentum, Adam moments, ...) is zeroed at every
    weight that is not a survivor (pruned or (re)grown), with
    ``optax.tree_map_params``;
@@ -27,7 +28,7 @@ The wrapper must be the last transform in a chain (transforms before it, such
 as gradient clipping, are fine): a transform after it would change the updates
 that keep masked weights at zero.
 
-Mask-update steps whose post-step weights or gradients contain NaN or inf are
+Mask-update steps whose weights or gradients contain NaN or inf are
 skipped (masks and inner state's reset unchanged), so a bad step cannot corrupt
 the masks; the normal optimizer step still runs.
 """
@@ -67,11 +68,11 @@ class MaskUpdateInputs(NamedTuple):
   """What a method's ``update_masks`` sees at a mask-update step."""
   step: jax.Array      # int32 step of this update
   key: jax.Array       # PRNG key for this update
-  params: Params       # post-step weights, where(mask, params + u, 0)
+  params: Params       # current weights, where(mask, params, 0), before this step's update
   grads: Params        # raw dense gradient of this step (before masking)
   masks: Masks         # masks before the update
   aux: Any             # method-specific state
-  inner_state: optax.OptState  # inner optimizer state after this step
+  inner_state: optax.OptState  # inner optimizer state before this step
 
 
 class MaskUpdate(NamedTuple):
@@ -169,25 +170,26 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
 
     new_masks, survivors, aux = masks, masks, state.aux
     if update_masks is not None:
-      def do_update(operands):
-        masks, _, aux, inner_state = operands
-        cand = jax.tree.map(lambda p, du, m: jnp.where(m, p + du, jnp.zeros_like(p)),
-                            params, u, masks)
+      def do_update(masks, aux):
+        cand = masks_lib.apply_masks(params, masks)
         inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
                                   params=cand, grads=grads, masks=masks, aux=aux,
-                                  inner_state=inner_state)
+                                  inner_state=state.inner_state)
         new = update_masks(inputs)
         ok = _all_finite(cand, grads)
         keep_old = lambda n, o: jnp.where(ok, n, o)
         new_masks = jax.tree.map(keep_old, new.masks, masks)
         survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
                                  new.masks, masks)
-        new_aux = jax.tree.map(keep_old, new.aux, aux)
-        return new_masks, survivors, new_aux, reset_inner_state(inner, inner_state, survivors)
+        return new_masks, survivors, jax.tree.map(keep_old, new.aux, aux)
 
-      new_masks, survivors, aux, inner_state = lax.cond(
-          is_update_step(state.count), do_update, lambda operands: operands,
-          (masks, masks, state.aux, inner_state))
+      # Only the masks go through the cond: passing the optimizer state through it
+      # would copy that state on every step. The reset below is one elementwise
+      # select that XLA fuses into the inner update; it is a no-op off update steps.
+      new_masks, survivors, aux = lax.cond(
+          is_update_step(state.count), do_update, lambda masks, aux: (masks, masks, aux),
+          masks, state.aux)
+      inner_state = reset_inner_state(inner, inner_state, survivors)
 
     out = jax.tree.map(
         lambda du, p, keep: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, -p),
