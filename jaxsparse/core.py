@@ -185,7 +185,8 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
 
       # Only the masks go through the cond: passing the optimizer state through it
       # would copy that state on every step. The reset below is one elementwise
-      # select that XLA fuses into the inner update; it is a no-op off update steps.
+      # select that XLA fuses into the inner update; off update steps it only
+      # keeps the (already zero) state of masked weights at zero.
       new_masks, survivors, aux = lax.cond(
           is_update_step(state.count), do_update, lambda masks, aux: (masks, masks, aux),
           masks, state.aux)

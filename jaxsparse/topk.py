@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -28,6 +29,12 @@ def _order_key(x: jax.Array) -> jax.Array:
   bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
   sign = bits >> 31
   return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _check_k(k, n: int) -> None:
+  """A concrete k must lie in [0, n]; a traced k is clipped to [0, count(valid)]."""
+  if isinstance(k, (int, np.integer)) and not 0 <= int(k) <= n:
+    raise ValueError(f"k must be in [0, {n}], got {k}")
 
 
 def _per_element(values: jax.Array, group: jax.Array) -> jax.Array:
@@ -74,6 +81,7 @@ def smallest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | No
   never valid. Cost: two histogram passes over ``scores`` (a cumsum more when
   there are ties at the threshold).
   """
+  _check_k(k, scores.size)
   x = scores.reshape(-1)
   ok = ~jnp.isnan(x) if valid is None else valid.reshape(-1) & ~jnp.isnan(x)
   group = jnp.zeros(x.shape, jnp.int32)
@@ -150,6 +158,7 @@ def random_k_mask(key: jax.Array, k: jax.Array | int, valid: jax.Array) -> jax.A
   Each valid entry draws 32 random bits; the k smallest are taken (equal draws,
   probability ~n/2^32 per pair, go to the lower index).
   """
+  _check_k(k, valid.size)
   bits = jax.random.bits(key, (valid.size,), jnp.uint32)
   group = jnp.zeros((valid.size,), jnp.int32)
   return _select_smallest(bits, group, valid.reshape(-1), jnp.reshape(k, (1,)), 1).reshape(valid.shape)

@@ -60,9 +60,13 @@ def test_random_k_exact_and_uniform():
   assert np.all(np.abs(counts[::2] - 160) < 40), counts
 
 
-def test_top_k_rejects_bad_k():
+def test_rejects_k_outside_range():
   with pytest.raises(ValueError, match="k must be"):
     topk.top_k_mask(jnp.ones(3), 4)
+  with pytest.raises(ValueError, match="k must be"):
+    topk.smallest_k_mask(jnp.ones(3), -1)
+  with pytest.raises(ValueError, match="k must be"):
+    topk.random_k_mask(jax.random.key(0), 5, jnp.ones(3, bool))
 
 
 @given(floats, st.integers(0, 30), st.integers(0, 30), st.integers(0, 2**31 - 1))
