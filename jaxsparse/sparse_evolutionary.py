@@ -30,22 +30,49 @@ from jaxsparse import masks as masks_lib
 from jaxsparse.static import random_masks
 
 
-def set_prune(w: jax.Array, mask: jax.Array, zeta: jax.Array) -> jax.Array:
-  """Step 1 of SET on one leaf: the mask of weights that survive the removal."""
-  pos = mask & (w > 0)
-  neg = mask & (w < 0)
+def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
+  """Step 1 of SET on the active weights ``values`` of one layer: which ones are removed.
+
+  The ``floor(zeta * n_pos)`` positive and ``floor(zeta * n_neg)`` negative
+  values closest to zero, and every value that is exactly zero.
+  """
+  pos = values > 0
+  neg = values < 0
   k_pos = jnp.floor(zeta * jnp.sum(pos)).astype(jnp.int32)
   k_neg = jnp.floor(zeta * jnp.sum(neg)).astype(jnp.int32)
   # Both sides in one selection: the k_pos smallest |w| among positives (group 0)
   # and the k_neg smallest |w| among negatives (group 1).
-  drop = topk.smallest_k_per_group(jnp.abs(w), (w < 0).astype(jnp.int32),
+  drop = topk.smallest_k_per_group(jnp.abs(values), neg.astype(jnp.int32),
                                    jnp.stack([k_pos, k_neg]), pos | neg)
-  return (pos | neg) & ~drop
+  return drop | (values == 0)
 
 
-def random_regrow(key: jax.Array, kept: jax.Array, n_grow: jax.Array) -> jax.Array:
-  """Step 2 of SET: ``kept`` plus ``n_grow`` uniformly random absent connections."""
-  return kept | topk.random_k_mask(key, n_grow, ~kept)
+def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One SET update of one layer.
+
+  Args:
+    key: PRNG key of this update and layer.
+    w: the layer's weights; mask: its mask; active: the flat indices of its
+      ``nnz`` active weights (the order is irrelevant).
+    zeta: the drop fraction.
+
+  Returns:
+    ``(new_mask, survivors, new_active)``: the dropped slots of ``active`` are
+    refilled with as many positions drawn uniformly at random among the
+    connections absent after the drop (so a just-dropped connection may come
+    back, at zero, as in the authors' code).
+  """
+  n = mask.size
+  drop = set_drop(w.reshape(-1)[active], zeta)
+  kept = mask.reshape(-1).at[active].set(~drop)
+  n_grow = jnp.sum(drop, dtype=jnp.int32)
+  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
+  new = kept.at[grown].set(True, mode="drop")
+  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
+  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
+  del n
+  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active
 
 
 def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
@@ -77,24 +104,30 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
   def init_masks(params, key):
     counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
                               keep_dense=keep_dense, overrides=overrides)
-    return random_masks(params, counts, key), ()
+    masks = random_masks(params, counts, key)
+    # aux: the flat indices of the active weights of each sparse leaf (static
+    # length nnz), so that an update works on nnz values instead of n.
+    active = tuple(jnp.nonzero(m.reshape(-1), size=int(m.sum()))[0].astype(jnp.int32)
+                   for m in jax.tree.leaves(masks) if masks_lib.is_sparse(m))
+    return masks, active
 
   def update_masks(x: core.MaskUpdateInputs):
     z = zeta_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    new, survivors = [], []
+    new, survivors, active = [], [], list(x.aux)
+    j = 0
     for i, (m, w) in enumerate(zip(leaves, ws)):
       if not masks_lib.is_sparse(m):
         new.append(m)
         survivors.append(m)
         continue
-      kept = set_prune(w, m, z)
-      n_grow = jnp.sum(m, dtype=jnp.int32) - jnp.sum(kept, dtype=jnp.int32)
-      new.append(random_regrow(jax.random.fold_in(x.key, i), kept, n_grow))
+      m_new, kept, active[j] = set_rewire(jax.random.fold_in(x.key, i), w, m, active[j], z)
+      new.append(m_new)
       survivors.append(kept)
+      j += 1
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
-                           x.aux)
+                           tuple(active))
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, seed=seed)

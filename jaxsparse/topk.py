@@ -162,3 +162,37 @@ def random_k_mask(key: jax.Array, k: jax.Array | int, valid: jax.Array) -> jax.A
   bits = jax.random.bits(key, (valid.size,), jnp.uint32)
   group = jnp.zeros((valid.size,), jnp.int32)
   return _select_smallest(bits, group, valid.reshape(-1), jnp.reshape(k, (1,)), 1).reshape(valid.shape)
+
+
+def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: int) -> jax.Array:
+  """``size`` int32 slots: the first ``k`` hold distinct uniformly random flat indices of ``allowed``.
+
+  Slots from ``k`` on hold ``allowed.size`` (an out-of-range filler). Exactly
+  ``min(k, count(allowed))`` distinct positions, uniformly at random without
+  replacement. Fast path: rejection sampling with ``2 * size + 1024`` uniform
+  draws over the flat index range, keeping the first ``k`` draws that are
+  allowed and not repeated (the first k distinct allowed draws of an i.i.d.
+  uniform sequence are a uniform k-subset); it costs O(size) work plus one
+  O(n) fill. When the draws hold fewer than ``k`` such positions (rare unless
+  ``allowed`` is sparse), it falls back to :func:`random_k_mask` (O(n) passes),
+  under ``lax.cond``.
+  """
+  n = allowed.size
+  flat = allowed.reshape(-1)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(size, jnp.sum(flat, dtype=jnp.int32)))
+  draws = min(2 * size + 1024, 4 * n)
+  order = jnp.arange(draws, dtype=jnp.int32)
+  c = jax.random.randint(key, (draws,), 0, n, jnp.int32)
+  first = jnp.full((n,), draws, jnp.int32).at[c].min(order)[c] == order
+  ok = first & flat[c]
+  rank = jnp.cumsum(ok, dtype=jnp.int32)
+
+  def fast():
+    slot = jnp.where(ok & (rank <= k), rank - 1, size)
+    return jnp.full((size,), n, jnp.int32).at[slot].set(c, mode="drop")
+
+  def exact():
+    chosen = random_k_mask(jax.random.fold_in(key, 1), k, allowed).reshape(-1)
+    return jnp.nonzero(chosen, size=size, fill_value=n)[0].astype(jnp.int32)
+
+  return lax.cond(rank[-1] >= k, fast, exact)

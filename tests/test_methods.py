@@ -10,30 +10,48 @@ from jaxsparse import sparse_evolutionary as se
 from tests.helpers import batches, make_step, mlp_params
 
 
-def test_set_prune_hand_example():
+def test_set_drop_and_rewire_hand_example():
   w = jnp.array([[0.5, -0.2, 0.0, 0.1],
                  [-0.9, 0.3, 0.7, -0.05],
                  [0.2, -0.4, 9.0, 0.0]])
   m = jnp.array([[1, 1, 1, 1],
                  [1, 1, 1, 1],
                  [1, 1, 0, 0]], bool)
+  active = jnp.flatnonzero(m, size=10).astype(jnp.int32)
   # active positives: 0.5, 0.1, 0.3, 0.7, 0.2 -> floor(0.5 * 5) = 2 smallest: 0.1, 0.2
   # active negatives: -0.2, -0.9, -0.05, -0.4 -> floor(0.5 * 4) = 2 closest to 0: -0.05, -0.2
   # the active exact zero at [0, 2] is removed as well; 9.0 is masked and stays absent.
-  kept = np.asarray(se.set_prune(w, m, jnp.float32(0.5)))
-  expected = np.array([[1, 0, 0, 0],
-                       [1, 1, 1, 0],
-                       [0, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(kept, expected)
-  grown = np.asarray(se.random_regrow(jax.random.key(0), jnp.asarray(kept), 5))
-  assert grown.sum() == 10 and np.all(grown[kept])
+  drop = np.asarray(se.set_drop(w.reshape(-1)[active], jnp.float32(0.5)))
+  np.testing.assert_array_equal(np.asarray(active)[drop],
+                                [1, 2, 3, 7, 8])
+  new, kept, new_active = se.set_rewire(jax.random.key(0), w, m, active, jnp.float32(0.5))
+  expected_kept = np.array([[1, 0, 0, 0],
+                            [1, 1, 1, 0],
+                            [0, 1, 0, 0]], bool)
+  np.testing.assert_array_equal(np.asarray(kept), expected_kept)
+  new = np.asarray(new)
+  assert new.sum() == 10 and np.all(new[expected_kept])
+  np.testing.assert_array_equal(np.sort(np.asarray(new_active)), np.flatnonzero(new))
+
+
+def test_set_regrowth_is_uniform_over_absent_connections():
+  # 2 of 8 weights active; both are dropped every update (zeta=1), so 2 of the 8 positions
+  # are drawn anew each time: each position should be chosen with probability 1/4.
+  mask = jnp.zeros((2, 4), bool).at[0, 0].set(True).at[1, 3].set(True)
+  w = jnp.where(mask, 1.0, 0.0)
+  active = jnp.flatnonzero(mask, size=2).astype(jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 2000)
+  new = jax.jit(jax.vmap(lambda k: se.set_rewire(k, w, mask, active, jnp.float32(1.0))[0]))(keys)
+  new = np.asarray(new).reshape(2000, -1)
+  assert (new.sum(1) == 2).all()
+  freq = new.mean(0)
+  assert np.all(np.abs(freq - 0.25) < 0.04), freq
 
 
 def test_set_transform_one_update_by_hand():
   params = {"w": jnp.array([[0.5, -0.2, 0.1], [-0.9, 0.3, -0.05]]), "b": jnp.zeros(3)}
-  masks = {"w": jnp.ones((2, 3), bool), "b": jnp.asarray(True)}
   tx = js.set(optax.sgd(0.0), 0.0, zeta=0.5, update_period=1)
-  state = tx.init(params)._replace(masks=masks)
+  state = tx.init(params)  # sparsity 0: every weight active
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
   m = np.asarray(state.masks["w"])

@@ -80,3 +80,17 @@ def test_per_group_selection_matches_numpy(x, k0, k1, seed):
   expected = (reference_smallest(x, k0, valid & (groups == 0))
               | reference_smallest(x, k1, valid & (groups == 1)))
   np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n_allowed", [3, 5000])  # 3: the exact fallback; 5000: rejection sampling
+def test_random_k_positions_exact_distinct_allowed(n_allowed):
+  n = 10000
+  allowed = np.zeros(n, bool)
+  allowed[np.random.default_rng(0).choice(n, n_allowed, replace=False)] = True
+  k, size = min(3, n_allowed) if n_allowed == 3 else 400, 500
+  fn = jax.jit(topk.random_k_positions, static_argnums=3)
+  for seed in range(5):
+    pos = np.asarray(fn(jax.random.key(seed), k, jnp.asarray(allowed), size))
+    chosen = pos[:k]
+    assert len(set(chosen.tolist())) == k and allowed[chosen].all()
+    assert (pos[k:] == n).all()
