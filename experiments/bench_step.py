@@ -96,8 +96,8 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   args = p.parse_args(argv)
   rows = [bench(m, args.sparsity, args.batch_size, args.repeats) for m in args.models]
-  print(f"| model | params | dense step (ms) | SET non-update (ms) | SET update (ms) | "
-        f"ratio non-update | ratio update |")
+  print("| model | params | dense step (ms) | SET non-update (ms) | SET update (ms) | "
+        "ratio non-update | ratio update |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['params']:,} | {r['dense_ms']:.2f} | {r['set_non_update_ms']:.2f} | "

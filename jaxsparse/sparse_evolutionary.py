@@ -63,7 +63,6 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
     connections absent after the drop (so a just-dropped connection may come
     back, at zero, as in the authors' code).
   """
-  n = mask.size
   drop = set_drop(w.reshape(-1)[active], zeta)
   kept = mask.reshape(-1).at[active].set(~drop)
   n_grow = jnp.sum(drop, dtype=jnp.int32)
@@ -71,7 +70,6 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
   new = kept.at[grown].set(True, mode="drop")
   slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
   new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
-  del n
   return new.reshape(mask.shape), kept.reshape(mask.shape), new_active
 
 
@@ -95,6 +93,11 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
     filter, keep_dense, overrides: which leaves are sparse (see
       :func:`jaxsparse.distributions.kept_counts`).
     seed: seed of the initial mask and of the random regrowth.
+
+  The state's ``aux`` holds, per sparse leaf, the flat indices of its active
+  weights (static length nnz), which an update reads and rewrites instead of
+  scanning the whole leaf; masks and indices change together, so edit neither
+  by hand (start from given masks with :func:`jaxsparse.keep_masks` instead).
   """
   dist.check_sparsity(sparsity)
   schedules.check_fraction(zeta, "zeta")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse import core, data, magnitude, masks as masks_lib, models, schedules
+from jaxsparse import core, data, magnitude, masks as masks_lib, models
 from jaxsparse import sparse_evolutionary, static
 
 METHODS = ("dense", "static", "set", "magnitude", "gradual", "random")

@@ -1,10 +1,8 @@
 """Layer densities: exact kept counts, ERK's dense fallback, leaf selection errors."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import jaxsparse as js
 from jaxsparse import distributions as dist
 
 shapes = st.lists(st.tuples(st.integers(1, 64), st.integers(1, 64)), min_size=1, max_size=5)
