@@ -1,13 +1,23 @@
 """jaxsparse: sparse neural network training as pure optax transformations over mask pytrees."""
 
-from jaxsparse import distributions, masks, schedules, topk
+from jaxsparse import (bayesian, criteria, distributions, dst, ephemeral, masks, obs, regularisers,
+                       schedules, structured, topk)
 from jaxsparse.core import (MaskUpdate, MaskUpdateInputs, SparseState, get_masks, get_sparse_state,
                             sparse_transform)
+from jaxsparse.criteria import (grasp_masks, obd_scores, score_masks, score_pruning, snip_masks,
+                                synflow_masks)
+from jaxsparse.deep_rewiring import add_langevin_noise, deep_r, deep_r_optimizer
 from jaxsparse.distributions import default_filter, densities, kept_counts, select_leaves
 from jaxsparse.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
                                  random_pruning, rewind)
+from jaxsparse.dst import dsr, dynamic_sparse, rigl, snfs
+from jaxsparse.ephemeral import topk_gradients
+from jaxsparse.regularisers import (add_group_lasso, add_l1, group_lasso_proximal, l1_proximal,
+                                    sensitivity_decay, threshold_and_freeze)
 from jaxsparse.masks import apply_masks, check_masks, count_leaves, sparsity, summary
+from jaxsparse.obs import obs_prune
 from jaxsparse.sparse_evolutionary import set  # noqa: A004 (the method's name in the literature)
 from jaxsparse.static import dense, keep_masks, static_sparse
+from jaxsparse.structured import filter_l1_masks, nm_masks, propagate_channels, slimming_masks
 
 __version__ = "0.1.0"

@@ -73,6 +73,7 @@ class MaskUpdateInputs(NamedTuple):
   masks: Masks         # masks before the update
   aux: Any             # method-specific state
   inner_state: optax.OptState  # inner optimizer state before this step
+  updates: Params      # the inner optimizer's update of this step (from the masked gradient)
 
 
 class MaskUpdate(NamedTuple):
@@ -93,6 +94,7 @@ class MaskUpdate(NamedTuple):
 
 InitMasks = Callable[[Params, jax.Array], tuple[Masks, Any]]
 UpdateMasks = Callable[[MaskUpdateInputs], MaskUpdate]
+Track = Callable[[Any, Params, Masks], Any]
 
 
 def map_sparse(fn: Callable[..., jax.Array], masks: Masks, *trees: Any) -> Masks:
@@ -135,6 +137,7 @@ def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.Op
 def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMasks,
                      update_masks: UpdateMasks | None,
                      is_update_step: Callable[[jax.Array], jax.Array],
+                     track: Track | None = None,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains only the weights the masks keep.
 
@@ -144,6 +147,9 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     update_masks: ``MaskUpdateInputs -> MaskUpdate``, called under
       ``lax.cond`` when ``is_update_step(step)``; ``None`` for fixed masks.
     is_update_step: ``step -> bool`` (traced).
+    track: ``(aux, raw_grads, masks) -> aux``, called at every step before the mask
+      update (e.g. SNFS's momentum of the dense gradient); ``None``: aux only
+      changes at mask updates.
     seed: seed of the method's PRNG key.
   """
   if not isinstance(inner, optax.GradientTransformation):
@@ -168,13 +174,14 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     masked_grads = masks_lib.apply_masks(grads, masks)
     u, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
 
-    new_masks, survivors, aux = masks, masks, state.aux
+    aux = state.aux if track is None else track(state.aux, grads, masks)
+    new_masks, survivors = masks, masks
     if update_masks is not None:
       def do_update(masks, aux):
         cand = masks_lib.apply_masks(params, masks)
         inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
                                   params=cand, grads=grads, masks=masks, aux=aux,
-                                  inner_state=state.inner_state)
+                                  inner_state=state.inner_state, updates=u)
         new = update_masks(inputs)
         ok = _all_finite(cand, grads)
         keep_old = lambda n, o: jnp.where(ok, n, o)
@@ -189,7 +196,7 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
       # keeps the (already zero) state of masked weights at zero.
       new_masks, survivors, aux = lax.cond(
           is_update_step(state.count), do_update, lambda masks, aux: (masks, masks, aux),
-          masks, state.aux)
+          masks, aux)
       inner_state = reset_inner_state(inner, inner_state, survivors)
 
     out = jax.tree.map(

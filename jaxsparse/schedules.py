@@ -92,3 +92,32 @@ def at_steps(*steps: int) -> Callable[[jax.Array], jax.Array]:
       raise ValueError(f"prune step must be an int >= 0, got {s!r}")
   arr = tuple(steps)
   return lambda step: jnp.any(jnp.asarray(arr) == step)
+
+
+def doubling_periodic(update_period: int, doubling_steps: tuple[int, ...] = (),
+                      update_start: int = 0, update_stop: int | None = None
+                      ) -> Callable[[jax.Array], jax.Array]:
+  """``step -> bool``: every ``update_period`` steps from ``update_start``, the period
+  doubling at each of ``doubling_steps``, while ``step < update_stop``.
+
+  DSR (Mostafa & Wang 2019): period 100 iterations, doubled at epochs 25, 50
+  and 75 of 100, stopping at epoch 90. After the ``i``-th doubling step ``b_i``
+  the updates fall on ``b_i, b_i + 2^i * period, ...``.
+  """
+  check_period(update_period, update_start, update_stop)
+  steps = tuple(doubling_steps)
+  if any(not isinstance(b, int) or b <= update_start for b in steps) or list(steps) != sorted(set(steps)):
+    raise ValueError(f"doubling_steps must be increasing ints > update_start={update_start}, "
+                     f"got {doubling_steps!r}")
+  bounds = jnp.asarray((update_start, *steps), jnp.int32)
+
+  def is_update_step(step: jax.Array) -> jax.Array:
+    i = jnp.searchsorted(bounds, step, side="right") - 1  # last boundary <= step
+    i = jnp.clip(i, 0, len(steps))
+    period = update_period * (2 ** i)
+    on = (step >= update_start) & ((step - bounds[i]) % period == 0)
+    if update_stop is not None:
+      on &= step < update_stop
+    return on
+
+  return is_update_step

@@ -16,11 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse import core, data, magnitude, masks as masks_lib, models
-from jaxsparse import sparse_evolutionary, static
+from jaxsparse import core, data, deep_rewiring, dst, magnitude, masks as masks_lib, models
+from jaxsparse import regularisers, sparse_evolutionary, static
 
-METHODS = ("dense", "static", "set", "magnitude", "gradual", "random")
+METHODS = ("dense", "static", "set", "magnitude", "gradual", "random", "rigl", "snfs", "dsr",
+           "deepr")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "step")
+
+
+def make_learning_rate(kind: str, learning_rate: float, total_steps: int) -> optax.Schedule:
+  """``cosine``: cosine decay to 0; ``step``: divided by 5 at 25%, 50% and 75% (DSR's MNIST run)."""
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+  if kind == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, total_steps)
+  bounds = {int(total_steps * q): 0.2 for q in (0.25, 0.5, 0.75)}
+  return optax.piecewise_constant_schedule(learning_rate, bounds)
 
 
 def make_optimizer(name: str, learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
@@ -45,8 +57,16 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
   * ``set``: ER, zeta = 0.3, rewiring once per epoch (Mocanu et al. 2018);
   * ``magnitude``: one-shot global magnitude pruning halfway, then fine-tuning;
   * ``gradual``: Zhu & Gupta from 10% to 60% of training, 100-step period;
-  * ``random``: random pruning at step 0.
-  ``kwargs`` override the method's own keyword arguments.
+  * ``random``: random pruning at step 0;
+  * ``rigl``: ERK, dT = 100 steps, alpha = 0.3, T_end = 75% of training;
+  * ``snfs``: prune rate 0.5 cosine-decayed, updates once per epoch;
+  * ``dsr``: H0 = 1e-3, delta = 0.1, Np = 600, period 100 steps doubled at
+    25/50/75% of training, stop at 90% (the authors' MNIST schedule);
+  * ``deepr``: ``inner`` chained with DeepR's L1 term (1e-5) and Langevin noise
+    (``T`` annealed 1e-5 -> 1e-8 -> 1e-12 -> 1e-15 at 25/50/75%, ``eta`` from
+    ``learning_rate``), then the sign constraint and rewiring.
+  ``kwargs`` override the method's own keyword arguments (``deepr`` also takes
+  ``l1``, ``temperature`` and ``learning_rate``).
   """
   if name not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
@@ -66,6 +86,29 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
     n = max(1, (total_steps * 6 // 10 - begin) // period)
     return magnitude.gradual_pruning(inner, sparsity, **{
         "begin_step": begin, "num_updates": n, "update_period": period, **kwargs})
+  if name == "rigl":
+    return dst.rigl(inner, sparsity, **{"update_stop": max(1, total_steps * 3 // 4),
+                                         "update_period": max(1, min(100, total_steps // 20)),
+                                         "seed": seed, **kwargs})
+  if name == "snfs":
+    return dst.snfs(inner, sparsity, **{"total_steps": total_steps,
+                                         "update_period": steps_per_epoch, "seed": seed, **kwargs})
+  if name == "dsr":
+    doubling = tuple(sorted({int(total_steps * q) for q in (0.25, 0.5, 0.75)} - {0}))
+    period = max(1, min(100, total_steps // 20))
+    return dst.dsr(inner, sparsity, **{"update_period": period,
+                                        "doubling_steps": tuple(d for d in doubling if d > period),
+                                        "update_stop": max(period + 1, total_steps * 9 // 10),
+                                        "seed": seed, **kwargs})
+  if name == "deepr":
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("learning_rate", 0.01)
+    l1 = kwargs.pop("l1", 1e-5)
+    temperature = kwargs.pop("temperature", optax.piecewise_constant_schedule(
+        1e-5, {int(total_steps * q): f for q, f in ((0.25, 1e-3), (0.5, 1e-4), (0.75, 1e-3))}))
+    chain = optax.chain(regularisers.add_l1(l1), inner,
+                        deep_rewiring.add_langevin_noise(temperature, lr, seed))
+    return deep_rewiring.deep_r(chain, sparsity, **{"seed": seed, **kwargs})
   return magnitude.random_pruning(inner, sparsity, **{"seed": seed, **kwargs})
 
 
@@ -133,13 +176,16 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable[..., jax
 def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "set",
           sparsity: float = 0.9, epochs: int = 20, batch_size: int = 100,
           optimizer: str = "sgd", learning_rate: float = 0.05, momentum: float = 0.9,
-          weight_decay: float = 0.0, seed: int = 0, data_dir: str | None = None,
+          weight_decay: float = 0.0, l1: float = 0.0, lr_schedule: str = "cosine",
+          seed: int = 0, data_dir: str | None = None,
           model_kwargs: Mapping[str, Any] | None = None,
           method_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
           log: Callable[[str], None] | None = print) -> dict[str, Any]:
   """Trains ``model`` on ``dataset`` with ``method`` and returns a results dict.
 
-  The results hold the config, per-epoch test accuracy / loss / sparsity /
+  ``l1`` adds the L1 subgradient ``l1 * sign(w)`` to every weight's gradient
+  (DSR's MNIST runs use 1e-4); ``lr_schedule`` is ``cosine`` or ``step``
+  (see :func:`make_learning_rate`). The results hold the config, per-epoch test accuracy / loss / sparsity /
   seconds, final accuracy, per-layer kept counts and the mean seconds per epoch
   (the first epoch, which includes compilation, is reported separately).
   """
@@ -147,7 +193,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
     raise ValueError(f"epochs must be > 0, got {epochs}")
   config = dict(dataset=dataset, model=model, method=method, sparsity=sparsity, epochs=epochs,
                 batch_size=batch_size, optimizer=optimizer, learning_rate=learning_rate,
-                momentum=momentum, weight_decay=weight_decay, seed=seed,
+                momentum=momentum, weight_decay=weight_decay, l1=l1, lr_schedule=lr_schedule,
+                seed=seed,
                 model_kwargs=dict(model_kwargs or {}), method_kwargs=dict(method_kwargs or {}))
   ds = data.load_dataset(dataset, data_dir=data_dir, seed=seed)
   net = models.create_model(model, ds.num_classes, **(model_kwargs or {}))
@@ -158,8 +205,12 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size={batch_size} is larger than the {len(ds.x_train)} training examples")
   total_steps = steps_per_epoch * epochs
-  lr = optax.cosine_decay_schedule(learning_rate, total_steps)
+  lr = make_learning_rate(lr_schedule, learning_rate, total_steps)
   inner = make_optimizer(optimizer, lr, momentum=momentum, weight_decay=weight_decay)
+  if l1:
+    inner = optax.chain(regularisers.add_l1(l1), inner)
+  if method == "deepr":
+    method_kwargs = {"learning_rate": lr, **(method_kwargs or {})}
   tx = make_method(method, inner, sparsity, total_steps=total_steps,
                    steps_per_epoch=steps_per_epoch, seed=seed, **(method_kwargs or {}))
   opt_state = tx.init(params)

@@ -67,3 +67,30 @@ def test_compare_writes_table_and_refuses_existing_results(tmp_path):
   assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
   with pytest.raises(FileExistsError, match="--out-dir"):
     compare.main(["--methods", "dense", "--seeds", "0", "--epochs", "1", "--out-dir", str(out)])
+
+
+def test_dst_compare_writes_table_csv_plot_and_checks_the_ordering(tmp_path):
+  from experiments import dst_compare
+  out = tmp_path / "dst"
+  runs = dst_compare.main(["--dataset", "digits", "--methods", "dense", "thin_dense", "set", "dsr",
+                           "--sparsities", "0.9", "--seeds", "0", "--epochs", "1",
+                           "--out-dir", str(out)])
+  assert [r["method"] for r in runs] == ["dense", "thin_dense", "set", "dsr"]
+  # equal parameter count: the thin network has about as many kernel weights as the sparse ones
+  thin, sparse = runs[1]["kernel_params"], runs[2]["kernel_params"]
+  assert abs(thin - sparse) / sparse < 0.02 and runs[3]["kernel_params"] == sparse
+  table = (out / "table.md").read_text()
+  assert "| dsr |" in table and "DSR >= SET:" in table and "DSR > thin dense:" in table
+  assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
+  assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(FileExistsError, match="--out-dir"):
+    dst_compare.main(["--dataset", "digits", "--methods", "dense", "--out-dir", str(out)])
+
+
+def test_thin_dense_widths_match_the_sparse_parameter_count():
+  from experiments import dst_compare
+  for s in (0.9, 0.95, 0.98):
+    widths = dst_compare.thin_widths(s)
+    target = (1 - s) * dst_compare.kernel_count((300, 100))
+    assert widths[0] == pytest.approx(3 * widths[1], abs=2)      # LeNet's 3 : 1 shape
+    assert abs(dst_compare.kernel_count(widths) - target) / target < 0.04

@@ -1,0 +1,284 @@
+"""Pruning criteria compared at several sparsities: table.md, runs.csv and accuracy-vs-sparsity plot.
+
+  python -m experiments.pruning --out-dir results/pruning \
+      --dataset fashion_mnist --models lenet300 --sparsities 0.9 0.95 0.98 --seeds 0 1 --epochs 8
+
+Methods (REFERENCES.md "Pruning criteria"):
+
+* ``random``: random per-layer masks at init, trained (baseline).
+* ``gradual``: Zhu & Gupta gradual magnitude pruning during the run.
+* ``snip``, ``grasp``, ``synflow``: global masks at init (SNIP: one batch of
+  ``--score-batch``; GraSP: ``--per-class`` examples of each class; SynFlow:
+  100 data-free iterations), then static sparse training for ``--epochs``.
+* ``magnitude``, ``obd``, ``obs``: one-shot, global, on the dense model trained
+  for ``--epochs``, then ``--finetune-epochs`` of fine-tuning with the mask
+  fixed (OBD: empirical-Fisher diagonal; OBS: block-diagonal damped empirical
+  Fisher with the compensating update). ``oneshot_accuracy`` is before fine-tuning.
+* ``lottery``: IMP, 20% per round (output layer 10%), rewinding to init,
+  ``--lt-epochs`` per round; one IMP run per seed yields every sparsity.
+
+The dense model's accuracy after ``--epochs`` is the reference row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from experiments.lottery import lottery_ticket
+from jaxsparse import core, criteria, data, magnitude, models, obs, static, training
+from jaxsparse import masks as masks_lib
+
+METHODS = ("random", "gradual", "magnitude", "snip", "grasp", "synflow", "obd", "obs", "lottery")
+OUTPUT_LAYER = {"lenet300": "fc3", "lenet5": "fc2"}
+
+
+class Runner:
+  """Trains one model on one dataset with fixed or changing masks (dataset kept on device)."""
+
+  def __init__(self, args, model_name: str, ds: data.Dataset):
+    self.args = args
+    self.name = model_name
+    self.ds = ds
+    self.net = models.create_model(model_name, ds.num_classes)
+    self.x, self.y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
+    self.steps_per_epoch = len(ds.x_train) // args.batch_size
+    self.evaluate = training.make_evaluate(self.net)
+
+  def init(self, seed: int) -> Any:
+    return models.init_params(self.net, self.ds.input_shape, seed)["params"]
+
+  def apply(self, params, x):
+    return self.net.apply({"params": params}, x)
+
+  def loss(self, params, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), y).mean()
+
+  def accuracy(self, params) -> float:
+    return self.evaluate(params, {}, self.ds.x_test, self.ds.y_test)
+
+  def fit(self, params, method_fn, epochs: int, lr: float, seed: int):
+    """``method_fn(inner, total_steps)`` builds the jaxsparse transform; returns (params, masks)."""
+    total = self.steps_per_epoch * epochs
+    inner = training.make_optimizer("sgd", optax.cosine_decay_schedule(lr, total),
+                                    momentum=self.args.momentum)
+    tx = method_fn(inner, total)
+    opt_state = tx.init(params)
+    params = masks_lib.apply_masks(params, core.get_masks(opt_state))
+    state = training.TrainState(params, {}, opt_state)
+    epoch = training.make_train_epoch(self.net, tx, self.args.batch_size)
+    key = jax.random.key(seed)
+    for e in range(epochs):
+      state, _ = epoch(state, self.x, self.y, jax.random.fold_in(key, e))
+    return state.params, core.get_masks(state.opt_state)
+
+  def train_masked(self, params, masks, epochs, lr, seed):
+    return self.fit(masks_lib.apply_masks(params, masks),
+                    lambda inner, total: static.keep_masks(inner, masks), epochs, lr, seed)[0]
+
+  def batch(self, n: int, seed: int):
+    idx = np.random.default_rng(seed).choice(len(self.ds.x_train), n, replace=False)
+    return jnp.asarray(self.ds.x_train[idx]), jnp.asarray(self.ds.y_train[idx])
+
+  def per_class_batch(self, per_class: int, seed: int):
+    r = np.random.default_rng(seed)
+    idx = np.concatenate([r.choice(np.flatnonzero(self.ds.y_train == c), per_class, replace=False)
+                          for c in range(self.ds.num_classes)])
+    return jnp.asarray(self.ds.x_train[idx]), jnp.asarray(self.ds.y_train[idx])
+
+
+def run_model(args, runner: Runner, seed: int, bar) -> list[dict]:
+  rows = []
+  a = args
+  row = lambda method, sp, acc, masks, params, t0, oneshot=float("nan"): rows.append(dict(
+      model=runner.name, method=method, target_sparsity=sp, seed=seed, accuracy=acc,
+      oneshot_accuracy=oneshot,
+      sparsity=round(masks_lib.sparsity(params, masks), 5) if masks is not None else 0.0,
+      seconds=round(time.perf_counter() - t0, 1)))
+
+  init = runner.init(seed)
+  t0 = time.perf_counter()
+  dense_params, _ = runner.fit(init, lambda inner, total: static.dense(inner), a.epochs, a.lr, seed)
+  row("dense", 0.0, runner.accuracy(dense_params), None, None, t0)
+  bar.update(1)
+
+  for sp in a.sparsities:
+    for method in a.methods:
+      if method == "lottery":
+        continue
+      t0 = time.perf_counter()
+      bar.set_postfix_str(f"{runner.name} {method} {sp} seed {seed}")
+      if method in ("random", "gradual"):
+        def make(inner, total, method=method, sp=sp):
+          return training.make_method(method, inner, sp, total_steps=total,
+                                      steps_per_epoch=runner.steps_per_epoch, seed=seed)
+        params, masks = runner.fit(init, make, a.epochs, a.lr, seed)
+        row(method, sp, runner.accuracy(params), masks, params, t0)
+      elif method in ("snip", "grasp", "synflow"):
+        if method == "snip":
+          masks = criteria.snip_masks(init, runner.loss, runner.batch(a.score_batch, seed), sp)
+        elif method == "grasp":
+          masks = criteria.grasp_masks(init, runner.loss, runner.per_class_batch(a.per_class, seed), sp)
+        else:
+          masks = criteria.synflow_masks(init, runner.apply, runner.ds.input_shape, sp,
+                                         iterations=a.synflow_iterations)
+        params = runner.train_masked(init, masks, a.epochs, a.lr, seed)
+        row(method, sp, runner.accuracy(params), masks, params, t0)
+      else:  # one-shot after dense training, then fine-tuning
+        if method == "magnitude":
+          masks = magnitude.magnitude_masks(dense_params, sp, scope="global")
+          pruned = masks_lib.apply_masks(dense_params, masks)
+        elif method == "obd":
+          scores = criteria.obd_scores(dense_params, runner.loss, runner.batch(a.curvature_batch, seed))
+          masks = criteria.score_masks(scores, sp, scope="global")
+          pruned = masks_lib.apply_masks(dense_params, masks)
+        else:
+          res = obs.obs_prune(dense_params, runner.loss, runner.batch(a.curvature_batch, seed), sp,
+                              damping=a.damping, block_size=a.obs_block, scope="global")
+          masks, pruned = res.masks, res.params
+        oneshot = runner.accuracy(pruned)
+        params = runner.train_masked(pruned, masks, a.finetune_epochs, a.finetune_lr, seed)
+        row(method, sp, runner.accuracy(params), masks, params, t0, oneshot)
+      bar.update(1)
+
+  if "lottery" in a.methods:
+    bar.set_postfix_str(f"{runner.name} lottery seed {seed}")
+    t0 = time.perf_counter()
+
+    def train_fn(start, masks):
+      params = runner.train_masked(start, masks, a.lt_epochs, a.lr, seed)
+      return params, runner.accuracy(params)
+
+    rounds = lottery_ticket(train_fn, init, targets=a.sparsities, rate=0.2,
+                            output_layer=OUTPUT_LAYER[runner.name], rewind_params=init)
+    for r in rounds:
+      for sp in a.sparsities:
+        if abs(r.sparsity - sp) < 5e-4:
+          row("lottery", sp, r.result, r.masks, init, t0)
+    bar.update(1)
+  return rows
+
+
+def write_outputs(args, rows: list[dict]) -> str:
+  out = args.out_dir
+  with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+  def stat(vals):
+    vals = [v for v in vals if v == v]
+    if not vals:
+      return "-"
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{100 * statistics.mean(vals):.2f} ± {100 * std:.2f}"
+
+  lines = [f"# Pruning criteria on {args.dataset}", "",
+           f"epochs {args.epochs}, fine-tune {args.finetune_epochs}, lottery {args.lt_epochs}/round, "
+           f"batch {args.batch_size}, SGD momentum {args.momentum} lr {args.lr} (cosine), "
+           f"seeds {args.seeds}. Test accuracy %, mean ± std over seeds.", ""]
+  done = [m for m in args.models if any(r["model"] == m for r in rows)]
+  for model in done:
+    mrows = [r for r in rows if r["model"] == model]
+    dense = [r["accuracy"] for r in mrows if r["method"] == "dense"]
+    lines += [f"## {model} (dense: {stat(dense)})", "",
+              "| method | " + " | ".join(f"{s:g}" for s in args.sparsities) + " |",
+              "|---" * (len(args.sparsities) + 1) + "|"]
+    for method in args.methods:
+      cells = [stat([r["accuracy"] for r in mrows if r["method"] == method
+                     and r["target_sparsity"] == s]) for s in args.sparsities]
+      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "One-shot accuracy right after pruning the trained dense model (no fine-tuning):", "",
+              "| method | " + " | ".join(f"{s:g}" for s in args.sparsities) + " |",
+              "|---" * (len(args.sparsities) + 1) + "|"]
+    for method in ("magnitude", "obd", "obs"):
+      if method in args.methods:
+        cells = [stat([r["oneshot_accuracy"] for r in mrows if r["method"] == method
+                       and r["target_sparsity"] == s]) for s in args.sparsities]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+  table = "\n".join(lines)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table + "\n")
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(done), figsize=(6 * len(done), 4.5), squeeze=False)
+  for ax, model in zip(axes[0], done):
+    mrows = [r for r in rows if r["model"] == model]
+    for method in args.methods:
+      ys = [statistics.mean([r["accuracy"] for r in mrows if r["method"] == method
+                             and r["target_sparsity"] == s] or [float("nan")])
+            for s in args.sparsities]
+      ax.plot(args.sparsities, [100 * v for v in ys], marker="o", label=method)
+    dense = [r["accuracy"] for r in mrows if r["method"] == "dense"]
+    ax.axhline(100 * statistics.mean(dense), color="k", ls="--", label="dense")
+    ax.set(title=f"{model} on {args.dataset}", xlabel="sparsity", ylabel="test accuracy (%)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_vs_sparsity.png"), dpi=120)
+  plt.close(fig)
+  return table
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out-dir", required=True)
+  p.add_argument("--dataset", default="fashion_mnist", choices=sorted(data.DATASETS))
+  p.add_argument("--models", nargs="+", default=["lenet300"], choices=sorted(OUTPUT_LAYER))
+  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+  p.add_argument("--seeds", type=int, nargs="+", default=[0])
+  p.add_argument("--epochs", type=int, default=8)
+  p.add_argument("--finetune-epochs", type=int, default=2)
+  p.add_argument("--lt-epochs", type=int, default=2, help="epochs per lottery-ticket round")
+  p.add_argument("--batch-size", type=int, default=100)
+  p.add_argument("--lr", type=float, default=0.05)
+  p.add_argument("--finetune-lr", type=float, default=0.01)
+  p.add_argument("--momentum", type=float, default=0.9)
+  p.add_argument("--score-batch", type=int, default=100, help="SNIP batch (Lee et al.: 100)")
+  p.add_argument("--per-class", type=int, default=10, help="GraSP examples per class")
+  p.add_argument("--synflow-iterations", type=int, default=100)
+  p.add_argument("--curvature-batch", type=int, default=256, help="examples for OBD/OBS Fisher")
+  p.add_argument("--obs-block", type=int, default=64)
+  p.add_argument("--damping", type=float, default=1e-4)
+  args = p.parse_args(argv)
+  if os.path.exists(args.out_dir):
+    raise SystemExit(f"--out-dir {args.out_dir} already exists; choose a new directory")
+  for s in args.sparsities:
+    if not 0 < s < 1:
+      p.error(f"--sparsities must be in (0, 1), got {s}")
+  if min(args.epochs, args.finetune_epochs, args.lt_epochs) <= 0:
+    p.error("--epochs, --finetune-epochs and --lt-epochs must be > 0")
+  args.sparsities = sorted(args.sparsities)
+  ds = data.load_dataset(args.dataset, seed=0)
+  os.makedirs(args.out_dir)
+
+  per_seed = 1 + len(args.sparsities) * len([m for m in args.methods if m != "lottery"]) + (
+      "lottery" in args.methods)
+  rows: list[dict] = []
+  with tqdm(total=per_seed * len(args.seeds) * len(args.models), desc="runs", unit="run") as bar:
+    for model in args.models:
+      runner = Runner(args, model, ds)
+      for seed in args.seeds:
+        rows += run_model(args, runner, seed, bar)
+        write_outputs(args, rows)  # partial results survive an interrupted run
+  table = write_outputs(args, rows)
+  print(table)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
