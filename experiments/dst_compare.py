@@ -60,6 +60,8 @@ def run_one(method: str, sparsity: float, seed: int, args) -> dict:
     kept = kernel_count(widths, args.n_in)
   else:
     method_kwargs = {"target_pruned": args.np} if method == "dsr" else {}
+    if args.distribution and method != "gradual":
+      method_kwargs["distribution"] = args.distribution
     r = training.train(model="lenet300", method=method, sparsity=sparsity,
                        l1=0.0 if method == "deepr" else args.l1, model_kwargs=model_kwargs,
                        method_kwargs=method_kwargs, **common)
@@ -143,6 +145,10 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--lr", type=float, default=0.1)
   p.add_argument("--l1", type=float, default=1e-4)
   p.add_argument("--np", type=int, default=600, help="DSR's target pruned count Np")
+  p.add_argument("--distribution", default=None, choices=["uniform", "er", "erk"],
+                 help="initial layer densities of every sparse-from-scratch method (default: "
+                      "each method's paper: ER for static and SET, ERK for RigL, uniform for "
+                      "SNFS, DSR and DeepR)")
   p.add_argument("--out-dir", default="results/dst")
   args = p.parse_args(argv)
   if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
@@ -172,8 +178,9 @@ def main(argv=None) -> list[dict]:
     json.dump(dict(config={k: v for k, v in vars(args).items()}, runs=runs), f, indent=2)
   header = (f"LeNet-300-100 (no bias, BatchNorm) on {args.dataset}, {args.epochs} epochs, batch "
             f"{args.batch_size}, Nesterov lr {args.lr} /5 at 25/50/75%, L1 {args.l1}, "
-            f"seeds {args.seeds}; test accuracy % (mean +- std). Dense is one model, repeated "
-            f"in every column.")
+            f"seeds {args.seeds}; initial densities: "
+            f"{args.distribution or 'each method its own'}; test accuracy % (mean +- std). "
+            f"Dense is one model, repeated in every column.")
   md = table(runs_by_s, args.sparsities, args.methods, header)
   with open(os.path.join(args.out_dir, "table.md"), "w") as f:
     f.write(md)

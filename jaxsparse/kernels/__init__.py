@@ -1,0 +1,9 @@
+"""Block-sparse kernels: the BSR format, Pallas matmuls and sparse Flax Dense layers."""
+
+from jaxsparse.kernels.bsr import (BSR, block_mask, bsr_block_mask, bsr_from_dense, bsr_overflow,
+                                   bsr_to_dense, bsr_with_data, check_block_shape,
+                                   expand_block_mask, is_block_structured)
+from jaxsparse.kernels.pallas_matmul import (BACKENDS, Backend, bsr_matmul, bsr_matmul_reference,
+                                             resolve_backend)
+from jaxsparse.kernels.layers import (KernelPath, SparseDense, SparseLinear, SparseMask,
+                                      choose_path, load_masks, sparse_dense)
