@@ -122,9 +122,14 @@ def _has_bn(batch_stats: Any) -> bool:
   return bool(jax.tree.leaves(batch_stats))
 
 
-def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int
+def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, *,
+                     return_losses: bool = False
                      ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple]:
-  """``(state, x, y, key) -> (state, mean_loss)``: one shuffled epoch, jitted, scanned."""
+  """``(state, x, y, key) -> (state, mean_loss)``: one shuffled epoch, jitted, scanned.
+
+  With ``return_losses=True`` it returns ``(state, mean_loss, losses)``, the
+  last holding the loss of every step of the epoch (to find a NaN's step).
+  """
 
   def loss_fn(params, batch_stats, x, y):
     variables = {"params": params}
@@ -148,6 +153,8 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
   def train_epoch(state: TrainState, x, y, key):
     xs, ys = data.epoch_batches(x, y, batch_size, key)
     state, losses = jax.lax.scan(train_step, state, (xs, ys))
+    if return_losses:
+      return state, losses.mean(), losses
     return state, losses.mean()
 
   return train_epoch
@@ -180,7 +187,10 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
           seed: int = 0, data_dir: str | None = None,
           model_kwargs: Mapping[str, Any] | None = None,
           method_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = print) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, checkpoint_dir: str | None = None,
+          resume: bool = False, stop_on_nan: bool = False,
+          on_epoch_end: Callable[[dict[str, Any], TrainState], None] | None = None
+          ) -> dict[str, Any]:
   """Trains ``model`` on ``dataset`` with ``method`` and returns a results dict.
 
   ``l1`` adds the L1 subgradient ``l1 * sign(w)`` to every weight's gradient
@@ -188,6 +198,20 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   (see :func:`make_learning_rate`). The results hold the config, per-epoch test accuracy / loss / sparsity /
   seconds, final accuracy, per-layer kept counts and the mean seconds per epoch
   (the first epoch, which includes compilation, is reported separately).
+
+  Reliability hooks (all off by default):
+
+  * ``checkpoint_dir``: an orbax checkpoint (:mod:`jaxsparse.checkpoint`) is
+    written there after every epoch. A folder that already holds checkpoints
+    is an error unless ``resume=True``, which restores the newest one (state,
+    finished epochs, history) and trains the remaining epochs; the result is
+    bit-identical to an uninterrupted run. A resume whose config changes a
+    shape is refused (ValueError naming the leaves).
+  * ``stop_on_nan``: a non-finite epoch loss raises ``FloatingPointError``
+    naming the epoch and the first bad step; no checkpoint is written for
+    that epoch, so the last good one is kept.
+  * ``on_epoch_end(metrics, state)``: called after every epoch with that
+    epoch's history entry (e.g. to log it to CSV).
   """
   if epochs <= 0:
     raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -217,20 +241,53 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   params = masks_lib.apply_masks(params, core.get_masks(opt_state))
   state = TrainState(params, batch_stats, opt_state)
 
-  train_epoch = make_train_epoch(net, tx, batch_size)
+  history = []
+  start = 0
+  mngr = None
+  if checkpoint_dir is not None:
+    from jaxsparse import checkpoint as checkpoint_lib  # orbax is only needed here
+    mngr = checkpoint_lib.manager(checkpoint_dir)
+    if mngr.latest_step() is not None:
+      if not resume:
+        raise ValueError(f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints (epoch "
+                         f"{mngr.latest_step()}); pass resume=True to continue that run, or "
+                         "choose another folder")
+      restored = checkpoint_lib.restore(mngr, state, config=config)
+      state, start, history = restored.state, restored.epoch, restored.history
+      if log is not None:
+        log(f"resumed from {checkpoint_dir} after epoch {start}")
+        changed = checkpoint_lib.config_changes(restored.config, config)
+        if changed:
+          log(f"warning: resuming with a changed config ({changed}); the result will differ "
+              "from an uninterrupted run")
+  elif resume:
+    raise ValueError("resume=True needs a checkpoint_dir")
+
+  train_epoch = make_train_epoch(net, tx, batch_size, return_losses=True)
   evaluate = make_evaluate(net)
   x_train, y_train = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
   key = jax.random.key(seed)
-  history = []
-  epoch_iter = range(epochs)
+  epoch_iter = range(start, epochs)
   if progress:
     from tqdm.auto import tqdm
-    epoch_iter = tqdm(epoch_iter, desc=f"{method} {model} {dataset}", unit="epoch")
+    epoch_iter = tqdm(epoch_iter, desc=f"{method} {model} {dataset}", unit="epoch",
+                      initial=start, total=epochs)
   for epoch in epoch_iter:
     t0 = time.perf_counter()
-    state, loss = train_epoch(state, x_train, y_train, jax.random.fold_in(key, epoch))
+    new_state, loss, losses = train_epoch(state, x_train, y_train, jax.random.fold_in(key, epoch))
     loss = float(loss)  # blocks until the epoch is done
     seconds = time.perf_counter() - t0
+    if stop_on_nan and not np.isfinite(loss):
+      bad = int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
+      kept = (f"; the last good checkpoint (after epoch {mngr.latest_step()}) is kept in "
+              f"{checkpoint_dir}" if mngr is not None and mngr.latest_step() is not None else "")
+      if mngr is not None:
+        mngr.close()
+      raise FloatingPointError(
+          f"loss is {np.asarray(losses)[bad]} at epoch {epoch + 1}, step {bad + 1} of "
+          f"{steps_per_epoch} (global step {epoch * steps_per_epoch + bad + 1}); training "
+          f"stopped{kept}. Try a smaller learning_rate.")
+    state = new_state
     masks = core.get_masks(state.opt_state)
     acc = evaluate(state.params, state.batch_stats, ds.x_test, ds.y_test)
     sp = masks_lib.sparsity(state.params, masks)
@@ -241,6 +298,12 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
     if log is not None and not progress:
       log(f"epoch {epoch + 1:3d}  loss {loss:.4f}  test acc {acc:.4f}  sparsity {sp:.4f}  "
           f"{seconds:.2f}s")
+    if on_epoch_end is not None:  # before the checkpoint, so that a kill cannot skip a log line
+      on_epoch_end(history[-1], state)
+    if mngr is not None:
+      checkpoint_lib.save(mngr, epoch + 1, state, history=history, config=config)
+  if mngr is not None:
+    mngr.close()
   masks = core.get_masks(state.opt_state)
   layers = {c.name: dict(shape=list(c.shape), kept=c.kept, total=c.total, sparsity=c.sparsity,
                          sparse=c.sparse)

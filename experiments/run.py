@@ -1,0 +1,203 @@
+"""Run a named experiment config: ``python -m experiments.run <config> [key=value ...]``.
+
+  python -m experiments.run digits_rigl                       # results/runs/digits_rigl/
+  python -m experiments.run digits_set epochs=5 sparsity=0.95 method_kwargs.zeta=0.5
+  python -m experiments.run digits_dsr --out /tmp/dsr --resume # continue a killed run
+  python -m experiments.run --list                             # the known configs
+
+The results folder (``--out``, default ``results/runs/<config>[__<overrides>]``)
+gets ``config.json``, ``metrics.csv`` (one row per epoch: loss, test accuracy,
+sparsity, seconds, density of every sparse layer), ``checkpoints/`` (orbax,
+after every epoch), and at the end ``report.json`` and ``report.md``: test
+accuracy, parameters and sparsity per layer and overall, dense and sparse
+forward FLOPs (theoretical speedup), storage bytes in the best format per
+layer, and seconds per epoch. An existing folder is never overwritten silently:
+pass ``--resume`` to continue the run in it (from its last checkpoint) or
+``--overwrite`` to delete it first. A NaN loss stops the run with an error
+naming the epoch and step and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+from experiments import configs
+from jaxsparse import checkpoint, core, data, flops, formats, masks as masks_lib, models, training
+
+METRICS = ("epoch", "loss", "test_accuracy", "sparsity", "seconds")
+
+
+def default_out(name: str, overrides: list[str]) -> str:
+  """``results/runs/<name>`` plus a sanitized suffix of the overrides, if any."""
+  suffix = "__" + re.sub(r"[^A-Za-z0-9_.=,-]+", "-", ",".join(overrides)) if overrides else ""
+  return os.path.join("results", "runs", name + suffix)
+
+
+def prepare_out(out: str, *, resume: bool, overwrite: bool) -> None:
+  """Creates ``out``; an existing non-empty folder needs ``resume`` or ``overwrite``.
+
+  Raises:
+    FileExistsError: naming ``out`` when it exists and neither flag is set.
+  """
+  if resume and overwrite:
+    raise ValueError("pass at most one of --resume and --overwrite")
+  if os.path.isdir(out) and os.listdir(out):
+    if overwrite:
+      shutil.rmtree(out)
+    elif not resume:
+      raise FileExistsError(f"results folder {out!r} already exists; pass --resume to continue "
+                            "the run in it, --overwrite to replace it, or --out for another folder")
+  elif resume:
+    raise FileNotFoundError(f"--resume: results folder {out!r} does not exist or is empty")
+  os.makedirs(out, exist_ok=True)
+
+
+class CSVLogger:
+  """Appends one row per epoch to ``path``: :data:`METRICS` plus ``density/<layer>`` columns."""
+
+  def __init__(self, path: str, keep_epochs: int = 0):
+    self.path = path
+    rows = []
+    if keep_epochs and os.path.exists(path):  # resume: keep the rows of the checkpointed epochs
+      with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_epochs]
+    self.fields: list[str] | None = list(rows[0]) if rows else None
+    with open(path, "w", newline="") as f:
+      if rows:
+        writer = csv.DictWriter(f, self.fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+  def __call__(self, metrics: dict[str, Any], state: training.TrainState) -> None:
+    row = {k: metrics[k] for k in METRICS}
+    for c in masks_lib.count_leaves(state.params, core.get_masks(state.opt_state)):
+      if c.sparse:
+        row[f"density/{c.name}"] = c.kept / c.total
+    new = self.fields is None
+    self.fields = self.fields or list(row)
+    with open(self.path, "a", newline="") as f:
+      writer = csv.DictWriter(f, self.fields)
+      if new:
+        writer.writeheader()
+      writer.writerow(row)
+
+
+def make_report(config: configs.Config, result: dict[str, Any]) -> dict[str, Any]:
+  """Accuracy, per-layer params / sparsity / FLOPs / best storage, totals and timing of one run."""
+  state = result["state"]
+  ds = data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
+  net = models.create_model(config.model, ds.num_classes, **config.model_kwargs)
+  masks = core.get_masks(state.opt_state)
+  layer_flops = {f.name: f for f in flops.count_flops(net, state.params, ds.input_shape, masks,
+                                                        batch_stats=state.batch_stats)}
+  sizes = {s.name: s for s in formats.storage_sizes(state.params, masks)}
+  layers = {}
+  for c in masks_lib.count_leaves(state.params, masks):
+    s, f = sizes[c.name], layer_flops.get(c.name)
+    layers[c.name] = dict(shape=list(c.shape), params=c.total, kept=c.kept, sparsity=c.sparsity,
+                          sparse=c.sparse, best_format=s.best, best_bytes=s.sizes()[s.best] / 8,
+                          dense_bytes=s.dense / 8, dense_flops=f.dense if f else 0,
+                          sparse_flops=f.sparse if f else 0)
+  dense_flops, sparse_flops = flops.total_flops(list(layer_flops.values()))
+  total = sum(v["params"] for v in layers.values())
+  kept = sum(v["kept"] for v in layers.values())
+  return dict(
+      config=config.to_dict(), test_accuracy=result["final_test_accuracy"],
+      params=total, kept_params=kept, sparsity_all=1 - kept / total,
+      sparsity_sparse_layers=result["final_sparsity"],
+      dense_flops=dense_flops, sparse_flops=sparse_flops,
+      flops_speedup=dense_flops / sparse_flops if sparse_flops else math.inf,
+      dense_bytes=sum(v["dense_bytes"] for v in layers.values()),
+      best_bytes=sum(v["best_bytes"] for v in layers.values()),
+      seconds_per_epoch=result["seconds_per_epoch"],
+      first_epoch_seconds=result["first_epoch_seconds"],
+      epoch_seconds=[h["seconds"] for h in result["history"]],
+      device=result["device"], jax_version=result["jax_version"], layers=layers)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+  """The report as a markdown table per layer plus a totals line."""
+  lines = ["| layer | shape | params | kept | sparsity | dense FLOPs | sparse FLOPs | best format "
+           "| bytes |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+  for name, v in report["layers"].items():
+    lines.append(f"| {name} | {tuple(v['shape'])} | {v['params']:,} | {v['kept']:,} | "
+                 f"{v['sparsity']:.2%} | {v['dense_flops']:,} | {v['sparse_flops']:,} | "
+                 f"{v['best_format']} | {v['best_bytes']:,.0f} |")
+  lines.append(f"| **total** | | {report['params']:,} | {report['kept_params']:,} | "
+               f"{report['sparsity_all']:.2%} | {report['dense_flops']:,} | "
+               f"{report['sparse_flops']:,} | | {report['best_bytes']:,.0f} |")
+  lines.append("")
+  lines.append(f"test accuracy {report['test_accuracy']:.4f}; sparsity of the sparse layers "
+               f"{report['sparsity_sparse_layers']:.2%}; theoretical speedup "
+               f"{report['flops_speedup']:.2f}x; storage {report['best_bytes']:,.0f} bytes "
+               f"(dense {report['dense_bytes']:,.0f}); {report['seconds_per_epoch']:.3f} s/epoch "
+               f"(first epoch, with compilation, {report['first_epoch_seconds']:.2f} s)")
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("config", nargs="?", help="a name from experiments.configs.CONFIGS")
+  p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+  p.add_argument("--out", default=None, help="results folder (default results/runs/<config>...)")
+  p.add_argument("--resume", action="store_true", help="continue the run in --out")
+  p.add_argument("--overwrite", action="store_true", help="delete --out first")
+  p.add_argument("--list", action="store_true", help="list the configs and exit")
+  p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+  return p.parse_args(argv)
+
+
+def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume: bool = False,
+        overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+  """Runs config ``name`` with ``overrides`` into ``out``; returns the report (see module doc)."""
+  overrides = list(overrides)
+  config = configs.apply_overrides(configs.get_config(name), overrides)
+  out = out or default_out(name, overrides)
+  prepare_out(out, resume=resume, overwrite=overwrite)
+  ckpt_dir = os.path.join(out, "checkpoints")
+  done = checkpoint.latest_epoch(ckpt_dir) or 0
+  with open(os.path.join(out, "config.json"), "w") as f:
+    f.write(config.to_json())
+  logger = CSVLogger(os.path.join(out, "metrics.csv"), keep_epochs=done)
+  result = training.train(**config.train_kwargs(), progress=progress,
+                          checkpoint_dir=ckpt_dir, resume=resume, stop_on_nan=True,
+                          on_epoch_end=logger)
+  report = make_report(config, result)
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  md = report_markdown(report)
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(f"# {name} {' '.join(overrides)}\n\n{md}\n")
+  print(md)
+  print(f"results in {out}")
+  return report
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if args.list or not args.config:
+    for n, c in sorted(configs.CONFIGS.items()):
+      print(f"{n:28s} {c.dataset} {c.model} {c.method} sparsity={c.sparsity} epochs={c.epochs}")
+    return 0
+  try:
+    run(args.config, args.overrides, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress)
+  except (KeyError, TypeError, ValueError, FileExistsError, FileNotFoundError,
+          FloatingPointError) as err:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
