@@ -1,7 +1,7 @@
 """jaxsparse: sparse neural network training as pure optax transformations over mask pytrees."""
 
 from jaxsparse import (bayesian, criteria, distributions, dst, ephemeral, flops, formats, kernels,
-                       masks, obs, regularisers, schedules, structured, topk)
+                       masks, obs, regularisers, schedules, sharding, structured, topk)
 from jaxsparse.core import (MaskUpdate, MaskUpdateInputs, SparseState, get_masks, get_sparse_state,
                             sparse_transform)
 from jaxsparse.criteria import (grasp_masks, obd_scores, score_masks, score_pruning, snip_masks,

@@ -189,7 +189,8 @@ def drop_threshold(target_pruned: int = 600, *, initial_threshold: float = 1e-3,
     for w, m in zip(layers.weights, layers.masks):
       d = m & (jnp.abs(w) < h)
       all_gone = jnp.sum(d) == jnp.sum(m)
-      largest = topk.largest_k_mask(jnp.abs(w), 1, m)
+      # the largest active |w| (first on ties), by an argmax rather than a selection
+      largest = jnp.arange(w.size).reshape(w.shape) == jnp.argmax(jnp.where(m, jnp.abs(w), -1.0))
       drops.append(jnp.where(all_gone, d & ~largest, d))
     k = sum(jnp.sum(d, dtype=jnp.int32) for d in drops).astype(jnp.float32)
     h = jnp.where(k > (1 + tolerance) * target_pruned, h / 2,
@@ -242,7 +243,8 @@ def apportion(total: jax.Array, shares: jax.Array, capacity: jax.Array) -> jax.A
     remaining = total - jnp.sum(alloc)
     w = jnp.where(open_, shares, 0.0)
     w = jnp.where(jnp.sum(w) > 0, w, jnp.where(open_, free.astype(jnp.float32), 0.0))
-    quota = remaining.astype(jnp.float32) * w / jnp.maximum(jnp.sum(w), 1e-30)
+    w = w / jnp.maximum(jnp.max(w), jnp.finfo(jnp.float32).tiny)  # max 1: tiny shares stay exact
+    quota = remaining.astype(jnp.float32) * w / jnp.maximum(jnp.sum(w), 1.0)
     base = jnp.floor(quota).astype(jnp.int32)
     frac = quota - base
     rem = remaining - jnp.sum(base)      # in [0, n) up to float error

@@ -58,12 +58,12 @@ def prune_to_fraction(scores: Any, masks: Any, counts: Mapping[str, int], fracti
     for i, size in zip(idx, sizes):
       new[i] = topk.largest_k_mask(flat_s[i], target(size, counts[names[i]]), flat_m[i])
   else:
-    all_s = jnp.concatenate([flat_s[i].reshape(-1).astype(jnp.float32) for i in idx])
-    all_m = jnp.concatenate([flat_m[i].reshape(-1) for i in idx])
-    keep = topk.largest_k_mask(all_s, target(sum(sizes), sum(counts.values())), all_m)
-    offsets = np.cumsum([0] + sizes)
+    # One selection over all sparse leaves without concatenating them (same result as on the
+    # concatenation, ties to the earlier leaf), so sharded leaves keep their sharding.
+    keep = topk.largest_k_masks([flat_s[i] for i in idx], target(sum(sizes), sum(counts.values())),
+                                [flat_m[i] for i in idx])
     for j, i in enumerate(idx):
-      new[i] = keep[offsets[j]:offsets[j + 1]].reshape(flat_m[i].shape)
+      new[i] = keep[j]
   return jax.tree.unflatten(treedef, new)
 
 

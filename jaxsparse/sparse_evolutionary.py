@@ -109,9 +109,12 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
                               keep_dense=keep_dense, overrides=overrides)
     masks = random_masks(params, counts, key)
     # aux: the flat indices of the active weights of each sparse leaf (static
-    # length nnz), so that an update works on nnz values instead of n.
-    active = tuple(jnp.nonzero(m.reshape(-1), size=int(m.sum()))[0].astype(jnp.int32)
-                   for m in jax.tree.leaves(masks) if masks_lib.is_sparse(m))
+    # length nnz), so that an update works on nnz values instead of n. nnz is
+    # counts[name] (random_masks keeps exactly that many), not a concrete sum
+    # of the mask, so init can be traced (jax.jit(tx.init, out_shardings=...)).
+    names = masks_lib.leaf_names(params)
+    active = tuple(jnp.nonzero(m.reshape(-1), size=counts[n])[0].astype(jnp.int32)
+                   for n, m in zip(names, jax.tree.leaves(masks)) if masks_lib.is_sparse(m))
     return masks, active
 
   def update_masks(x: core.MaskUpdateInputs):

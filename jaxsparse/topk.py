@@ -7,13 +7,23 @@ a full sort: it finds the k-th value by a two-pass radix select (histograms of
 the high and then the low 16 bits of each float32 score's order-preserving
 integer key), takes every score below it and breaks ties at it by lower flat
 index, so exactly
-``min(k, count(valid))`` entries are selected.
+``min(k, count(valid))`` entries are selected. :func:`smallest_k_masks` /
+:func:`largest_k_masks` select over several arrays at once (a global
+criterion over many leaves) with the same result as on their concatenation.
+
+No selection flattens or concatenates its inputs: the histograms are filled
+from arrays of any shape, and ties at the threshold are broken by one more
+radix select, on the flat indices (built from iotas). So under ``jax.jit`` a
+sharded input gives a mask with the same sharding, and the devices exchange
+only the 65536-bin histograms and a few counts (XLA inserts the all-reduces).
 
 :func:`top_k_mask` does the same with ``jax.lax.top_k`` when k is a static
 Python int; both agree exactly, including on ties (lower index first).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,39 +47,93 @@ def _check_k(k, n: int) -> None:
     raise ValueError(f"k must be in [0, {n}], got {k}")
 
 
-def _per_element(values: jax.Array, group: jax.Array) -> jax.Array:
-  """``values[group]`` for a small static number of groups, by selects (no gather)."""
+def _per_element(values: jax.Array, group: jax.Array | None) -> jax.Array:
+  """``values[group]`` for a small static number of groups, by selects (no gather).
+
+  ``group=None`` means a single group: ``values[0]``, broadcasting.
+  """
+  if group is None:
+    return values[0]
   out = jnp.broadcast_to(values[0], group.shape)
   for g in range(1, values.shape[0]):
     out = jnp.where(group == g, values[g], out)
   return out
 
 
-def _kth_keys(key: jax.Array, group: jax.Array, ok: jax.Array, k: jax.Array,
+def _group_sum(parts: list[jax.Array], groups: list, num_groups: int) -> jax.Array:
+  """int32[G]: count of True in ``parts`` per group (G small and static: G cheap reductions)."""
+  if num_groups == 1:
+    return sum(jnp.sum(x, dtype=jnp.int32) for x in parts)[None]
+  return jnp.stack([sum(jnp.sum(x & (g == i), dtype=jnp.int32) for x, g in zip(parts, groups))
+                    for i in range(num_groups)])
+
+
+def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
+               num_groups: int) -> jax.Array:
+  """int32[G, 65536]: ``weights`` summed per (group, 16-bit digit), one scatter-add per array.
+
+  The arrays keep their shapes (no flattening), so sharded inputs stay sharded;
+  under SPMD each device fills the histogram of its shard and XLA adds them.
+  """
+  h = jnp.zeros(num_groups * _BINS, jnp.int32)
+  for d, g, w in zip(digits, groups, weights):
+    h = h.at[d if g is None else g * _BINS + d].add(w, mode="promise_in_bounds")
+  return h.reshape(num_groups, _BINS)
+
+
+def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row g of the histogram ``h[G, 65536]``: the first bucket ``b`` whose running
+  count reaches ``k[g]`` (65535 if none does), and the count in the buckets below it.
+
+  Two levels of 256 x 256 instead of one 65536-long prefix sum: XLA on CPU lowers a
+  cumsum to a reduce-window that costs ~0.7 ms at this length, the two-level search
+  ~0.1 ms; the result is the same as ``searchsorted(cumsum(h), k)``.
+  """
+  g = h.shape[0]
+  rows = jnp.arange(g)
+  hh = h.reshape(g, 256, 256)
+  per_row = hh.sum(axis=2, dtype=jnp.int32)
+  c_row = jnp.cumsum(per_row, axis=1)
+  r = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c_row, k), 0, 255)
+  below_r = c_row[rows, r] - per_row[rows, r]
+  within = hh[rows, r]
+  c_in = jnp.cumsum(within, axis=1)
+  j = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c_in, k - below_r),
+               0, 255)
+  return r * 256 + j, below_r + c_in[rows, j] - within[rows, j]
+
+
+def _kth_keys(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
               num_groups: int) -> jax.Array:
   """Per group g, the smallest uint32 ``t_g`` with ``count(ok & group == g & key <= t_g) >= k[g]``.
 
   A two-pass radix select: pass 1 histograms the high 16 bits of the valid
-  keys (one 65536-bin histogram per group, filled by one scatter-add) and
+  keys (one 65536-bin histogram per group, filled by scatter-adds) and
   finds the bucket holding each group's k-th key; pass 2 histograms the low
   16 bits inside those buckets.
   """
-  ones = ok.astype(jnp.int32)
-  hi = (key >> 16).astype(jnp.int32)
-  offset = 0 if num_groups == 1 else group * _BINS
-  h1 = jnp.zeros(num_groups * _BINS, jnp.int32).at[offset + hi].add(ones, mode="promise_in_bounds")
-  h1 = h1.reshape(num_groups, _BINS)
-  c1 = jnp.cumsum(h1, axis=1)
-  b = jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c1, k)
-  b = jnp.clip(b, 0, _BINS - 1)
-  rows = jnp.arange(num_groups)
-  need = k - (c1[rows, b] - h1[rows, b])
-  lo = (key & 0xFFFF).astype(jnp.int32)
-  in_bucket = ones * (hi == _per_element(b, group))
-  h2 = jnp.zeros(num_groups * _BINS, jnp.int32).at[offset + lo].add(in_bucket, mode="promise_in_bounds")
-  c2 = jnp.cumsum(h2.reshape(num_groups, _BINS), axis=1)
-  l = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c2, need), 0, _BINS - 1)
+  ones = [ok.astype(jnp.int32) for ok in oks]
+  his = [(key >> 16).astype(jnp.int32) for key in keys]
+  b, below = _bucket_of_kth(_histogram(his, groups, ones, num_groups), k)
+  need = k - below
+  los = [(key & 0xFFFF).astype(jnp.int32) for key in keys]
+  in_bucket = [o * (hi == _per_element(b, g)) for o, hi, g in zip(ones, his, groups)]
+  l, _ = _bucket_of_kth(_histogram(los, groups, in_bucket, num_groups), need)
   return (b.astype(jnp.uint32) << 16) | l.astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+  """uint32 ``offset +`` row-major flat index of each element, built from iotas (no reshape)."""
+  idx = jnp.full(shape, offset, jnp.uint32)
+  stride = 1
+  for d in range(len(shape) - 1, -1, -1):
+    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+    stride *= shape[d]
+  return idx
+
+
+def _as_nd(x: jax.Array) -> jax.Array:
+  return x.reshape(1) if x.ndim == 0 else x
 
 
 def smallest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
@@ -78,14 +142,36 @@ def smallest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | No
 
   Exactly ``min(k, count(valid))`` entries are True; ties at the threshold go
   to the lower flat (row-major) index. ``k`` may be traced. NaN scores are
-  never valid. Cost: two histogram passes over ``scores`` (a cumsum more when
-  there are ties at the threshold).
+  never valid. Cost: two histogram passes over ``scores`` (two more when
+  there are ties at the threshold). The result has the shape (and, under
+  ``jax.jit``, the sharding) of ``scores``.
   """
-  _check_k(k, scores.size)
-  x = scores.reshape(-1)
-  ok = ~jnp.isnan(x) if valid is None else valid.reshape(-1) & ~jnp.isnan(x)
-  group = jnp.zeros(x.shape, jnp.int32)
-  return _select_smallest(_order_key(x), group, ok, jnp.reshape(k, (1,)), 1).reshape(scores.shape)
+  return smallest_k_masks([scores], k, None if valid is None else [valid])[0]
+
+
+def smallest_k_masks(scores: Sequence[jax.Array], k: jax.Array | int,
+                     valid: Sequence[jax.Array] | None = None) -> list[jax.Array]:
+  """The ``k`` smallest over several arrays together: one mask per array.
+
+  The same selection as :func:`smallest_k_mask` on the concatenation of the
+  flattened arrays (ties: earlier array first, then lower flat index), without
+  building the concatenation: the histograms of all arrays are added, so each
+  array keeps its own shape and sharding (a global magnitude criterion over
+  sharded leaves moves only the 65536-bin histograms between devices).
+  """
+  scores = list(scores)
+  if not scores:
+    raise ValueError("scores must hold at least one array")
+  valid = [None] * len(scores) if valid is None else list(valid)
+  if len(valid) != len(scores):
+    raise ValueError(f"valid must hold one array per score array ({len(scores)}), got {len(valid)}")
+  _check_k(k, sum(int(np.prod(jnp.shape(s))) for s in scores))
+  shapes = [jnp.shape(s) for s in scores]
+  xs = [_as_nd(jnp.asarray(s)) for s in scores]
+  oks = [~jnp.isnan(x) if v is None else _as_nd(jnp.asarray(v)) & ~jnp.isnan(x)
+         for x, v in zip(xs, valid)]
+  out = _select_smallest([_order_key(x) for x in xs], [None] * len(xs), oks, jnp.reshape(k, (1,)), 1)
+  return [m.reshape(shape) for m, shape in zip(out, shapes)]
 
 
 def smallest_k_per_group(scores: jax.Array, groups: jax.Array, k: jax.Array,
@@ -95,42 +181,50 @@ def smallest_k_per_group(scores: jax.Array, groups: jax.Array, k: jax.Array,
   Same exactness and tie rule as :func:`smallest_k_mask`, for all groups in the
   same two passes (e.g. SET's positive and negative sides at once).
   """
-  x = scores.reshape(-1)
-  ok = ~jnp.isnan(x) if valid is None else valid.reshape(-1) & ~jnp.isnan(x)
-  return _select_smallest(_order_key(x), groups.reshape(-1).astype(jnp.int32), ok,
-                          jnp.asarray(k, jnp.int32), len(k)).reshape(scores.shape)
+  x = _as_nd(scores)
+  ok = ~jnp.isnan(x) if valid is None else _as_nd(valid) & ~jnp.isnan(x)
+  return _select_smallest([_order_key(x)], [_as_nd(groups).astype(jnp.int32)], [ok],
+                          jnp.asarray(k, jnp.int32), len(k))[0].reshape(jnp.shape(scores))
 
 
-def _select_smallest(key: jax.Array, group: jax.Array, ok: jax.Array, k: jax.Array,
-                     num_groups: int) -> jax.Array:
-  """Flat mask of the ``k[g]`` smallest uint32 ``key`` among ``ok`` in each group (ties: lower index)."""
-  def per_group_sum(x):  # G is small and static: G cheap reductions beat a scatter
-    if num_groups == 1:
-      return jnp.sum(x, dtype=jnp.int32)[None]
-    return jnp.stack([jnp.sum(x & (group == g), dtype=jnp.int32) for g in range(num_groups)])
+def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
+                     num_groups: int) -> list[jax.Array]:
+  """Masks of the ``k[g]`` smallest uint32 ``keys`` among ``oks`` in each group, over all arrays
+  together (ties: earlier array, then lower flat index). ``groups[i]`` is None when G == 1."""
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, _group_sum(oks, groups, num_groups))
+  t = _kth_keys(keys, groups, oks, k, num_groups)
+  below = [ok & (key < _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
+  at = [ok & (key == _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
+  need = k - _group_sum(below, groups, num_groups)
+  n_at = _group_sum(at, groups, num_groups)
 
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, per_group_sum(ok))
-  t = _kth_keys(key, group, ok, k, num_groups)
-  t = _per_element(t, group)
-  below = ok & (key < t)
-  at = ok & (key == t)
-  need = k - per_group_sum(below)
-  n_at = per_group_sum(at)
+  def break_ties():
+    # Among the ties, the need[g] of lowest flat index (over all arrays in order): one more
+    # radix select, on the flat indices (distinct, so exact); histograms, not a cumsum over
+    # n, so sharded inputs are not gathered.
+    offsets = np.cumsum([0] + [a.size for a in at])
+    if offsets[-1] > np.iinfo(np.uint32).max:
+      raise ValueError(f"scores: at most 2**32 entries in all, got {offsets[-1]}")
+    idx = [_flat_index(a.shape, int(o)) for a, o in zip(at, offsets)]
+    last = _kth_keys(idx, groups, at, need, num_groups)
+    return tuple(a & (i <= _per_element(last, g)) & (_per_element(need, g) > 0)
+                 for a, i, g in zip(at, idx, groups))
 
-  def break_ties():  # rank of each tie within its group, by flat index
-    one_hot = at[:, None] & (group[:, None] == jnp.arange(num_groups))
-    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0, dtype=jnp.int32), group[:, None], 1)[:, 0]
-    return at & (rank <= _per_element(need, group))
-
-  # Ties at the threshold are rare: only then pay for a cumsum over n.
-  take_at = lax.cond(jnp.all(n_at <= need), lambda: at, break_ties)
-  return (below | take_at) & (_per_element(k, group) > 0)
+  # Ties at the threshold are rare: only then pay for two more histogram passes.
+  take_at = lax.cond(jnp.all(n_at <= need), lambda: tuple(at), break_ties)
+  return [(b | ta) & (_per_element(k, g) > 0) for b, ta, g in zip(below, take_at, groups)]
 
 
 def largest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
                    ) -> jax.Array:
   """Boolean mask of the ``k`` largest ``scores`` among ``valid`` (ties: lower index first)."""
   return smallest_k_mask(-scores.astype(jnp.float32), k, valid)
+
+
+def largest_k_masks(scores: Sequence[jax.Array], k: jax.Array | int,
+                    valid: Sequence[jax.Array] | None = None) -> list[jax.Array]:
+  """The ``k`` largest over several arrays together (see :func:`smallest_k_masks`)."""
+  return smallest_k_masks([-jnp.asarray(s).astype(jnp.float32) for s in scores], k, valid)
 
 
 def top_k_mask(scores: jax.Array, k: int, valid: jax.Array | None = None) -> jax.Array:
@@ -159,9 +253,11 @@ def random_k_mask(key: jax.Array, k: jax.Array | int, valid: jax.Array) -> jax.A
   probability ~n/2^32 per pair, go to the lower index).
   """
   _check_k(k, valid.size)
-  bits = jax.random.bits(key, (valid.size,), jnp.uint32)
-  group = jnp.zeros((valid.size,), jnp.int32)
-  return _select_smallest(bits, group, valid.reshape(-1), jnp.reshape(k, (1,)), 1).reshape(valid.shape)
+  # Drawn in valid's shape (no flattening, so a sharded ``valid`` stays sharded): threefry's
+  # bits for a shape are those for its flat size, reshaped, so this equals a flat draw.
+  bits = jax.random.bits(key, _as_nd(valid).shape, jnp.uint32)
+  return _select_smallest([bits], [None], [_as_nd(valid)], jnp.reshape(k, (1,)), 1)[0].reshape(
+      valid.shape)
 
 
 def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: int) -> jax.Array:
@@ -185,7 +281,8 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
   c = jax.random.randint(key, (draws,), 0, n, jnp.int32)
   first = jnp.full((n,), draws, jnp.int32).at[c].min(order)[c] == order
   ok = first & flat[c]
-  rank = jnp.cumsum(ok, dtype=jnp.int32)
+  # (an associative scan: half the CPU cost of jnp.cumsum's reduce-window at this length)
+  rank = lax.associative_scan(jnp.add, ok.astype(jnp.int32))
 
   def fast():
     slot = jnp.where(ok & (rank <= k), rank - 1, size)

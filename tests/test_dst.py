@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import jaxsparse as js
 from jaxsparse import deep_rewiring, dst, regularisers, schedules
@@ -151,6 +151,8 @@ def test_apportion_hand_cases():
 
 @given(st.integers(0, 5000), st.lists(st.floats(0, 100), min_size=1, max_size=8),
        st.lists(st.integers(0, 3000), min_size=8, max_size=8))
+@example(10, [0.0, 0.0, 0.0, 0.0, 1.175494351e-38], [0, 0, 0, 0, 10, 0, 0, 0])  # tiny shares
+@example(10, [4.2e-32], [10] * 8)
 def test_apportion_properties(total, shares, caps):
   shares = np.asarray(shares, np.float32)
   cap = np.asarray(caps[:len(shares)], np.int32)
