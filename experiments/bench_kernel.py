@@ -30,6 +30,22 @@ import optax
 
 from jaxsparse.kernels import (SparseDense, bsr_from_dense, bsr_matmul, bsr_with_data,
                                expand_block_mask, resolve_backend)
+from jaxsparse.kernels.pallas_matmul import bsr_matmul_reference
+
+
+def check_kernel(backend) -> None:
+  """Before timing: the kernel on this device equals the reference (bf16, 64 x 64 blocks).
+
+  The test suite runs the kernels in interpret mode only (CI has no GPU); this is
+  the check that the compiled GPU / TPU kernel computes the right thing.
+  """
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16)
+  a = bsr_from_dense(w, rng.random((4, 4)) < 0.5, (64, 64))
+  np.testing.assert_allclose(np.asarray(bsr_matmul(x, a, backend=backend), np.float32),
+                             np.asarray(bsr_matmul_reference(x, a), np.float32),
+                             rtol=2e-2, atol=0.5)
 
 
 def median_time(fn: Callable[..., Any], *args: Any, warmup: int, repeats: int) -> float:
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.sparsities = args.sparsities or [0.9, 0.5]
   be = resolve_backend(args.backend, num_warps=args.num_warps, num_stages=args.num_stages)
   dev = jax.devices()[0]
+  check_kernel(be)
   print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; backend {be.name}"
         f"{' (interpret mode: timings are not meaningful)' if be.interpret else ''}")
   print(f"X {m}x{k}, W {k}x{n}, {args.dtype}; median of {args.repeats} after {args.warmup} "

@@ -181,15 +181,8 @@ def test_accelerator_lowering(backend, platform, target, block):
   assert exp.mlir_module().count(target) == 3   # forward, dX, dW
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_kernel_runs():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16)
-  w = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16)
-  a = bsr_from_dense(w, rng.random((4, 4)) < 0.5, (64, 64))
-  np.testing.assert_allclose(np.asarray(bsr_matmul(x, a), np.float32),
-                             np.asarray(bsr_matmul_reference(x, a), np.float32),
-                             rtol=2e-2, atol=0.5)
+# The compiled GPU / TPU kernels are checked against the reference by
+# experiments/bench_kernel.py (check_kernel) before it times anything; CI has no GPU.
 
 
 # -------------------------------------------------------------------- bad input
