@@ -183,6 +183,12 @@ def _dict_fields() -> list[str]:
 
 _DIGITS = Config(dataset="digits", model="lenet300", epochs=20, batch_size=100)
 _FASHION = Config(dataset="fashion_mnist", model="lenet300", epochs=30, batch_size=32)
+# The usual CIFAR ResNet recipe (He et al. 2016; Zagoruyko & Komodakis 2016; RigL's WRN runs):
+# SGD with momentum 0.9, lr 0.1 cosine-decayed, batch 128, weight decay 5e-4.
+_RESNET = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, lr_schedule="cosine",
+               batch_size=128, weight_decay=5e-4)
+_FASHION_RESNET = dataclasses.replace(_FASHION, epochs=30, **_RESNET)
+_CIFAR10_RESNET = Config(dataset="cifar10", epochs=200, **_RESNET)  # TFDS: needs internet once
 
 CONFIGS: dict[str, Config] = {
     # Seconds on a laptop CPU: LeNet-300-100 on the bundled 8x8 digits.
@@ -197,6 +203,14 @@ CONFIGS: dict[str, Config] = {
     "fashion_mnist_dsr_paper": dataclasses.replace(
         _FASHION, method="dsr", batch_size=100, learning_rate=0.1, l1=1e-4, lr_schedule="step",
         epochs=100, model_kwargs={"use_bias": False, "batch_norm": True}),
+    # CIFAR ResNets (jaxsparse.models.CifarResNet, WideResNet) at 90% sparsity; the fmnist_*
+    # ones run offline (local Fashion-MNIST), the cifar10_* ones download CIFAR-10 via TFDS.
+    "fmnist_resnet20_set": dataclasses.replace(_FASHION_RESNET, model="resnet20", method="set"),
+    "fmnist_wrn16_4_rigl": dataclasses.replace(
+        _FASHION_RESNET, model="wrn", method="rigl", model_kwargs={"depth": 16, "widen_factor": 4}),
+    "cifar10_resnet20_set": dataclasses.replace(_CIFAR10_RESNET, model="resnet20", method="set"),
+    "cifar10_wrn16_4_rigl": dataclasses.replace(
+        _CIFAR10_RESNET, model="wrn", method="rigl", model_kwargs={"depth": 16, "widen_factor": 4}),
 }
 """Config name -> :class:`Config`."""
 

@@ -7,14 +7,23 @@
 
 The results folder (``--out``, default ``results/runs/<config>[__<overrides>]``)
 gets ``config.json``, ``metrics.csv`` (one row per epoch: loss, test accuracy,
-sparsity, seconds, density of every sparse layer), ``checkpoints/`` (orbax,
+sparsity, seconds, density of every sparse layer), ``tensorboard/`` (the same
+scalars as TensorBoard event files, step = epoch, written with tensorboardX when
+it is installed: ``pip install tensorboardX`` or the ``[experiments]`` extra;
+without it the run says so in one line and writes the CSV only; view with
+``tensorboard --logdir <out>``), ``checkpoints/`` (orbax,
 after every epoch), and at the end ``report.json`` and ``report.md``: test
 accuracy, parameters and sparsity per layer and overall, dense and sparse
 forward FLOPs (theoretical speedup), storage bytes in the best format per
 layer, and seconds per epoch. An existing folder is never overwritten silently:
 pass ``--resume`` to continue the run in it (from its last checkpoint) or
-``--overwrite`` to delete it first. A NaN loss stops the run with an error
-naming the epoch and step and keeps the last good checkpoint.
+``--overwrite`` to delete it first. A resumed run keeps the CSV rows and
+continues the TensorBoard curves from its checkpoint (a new event file whose
+purge step hides anything logged after that checkpoint). A NaN loss stops the
+run with an error naming the epoch and step and keeps the last good checkpoint.
+
+For several methods, sparsities and seeds with baselines, a table and plots,
+see :mod:`experiments.sweep`.
 """
 
 from __future__ import annotations
@@ -60,6 +69,15 @@ def prepare_out(out: str, *, resume: bool, overwrite: bool) -> None:
   os.makedirs(out, exist_ok=True)
 
 
+def epoch_row(metrics: dict[str, Any], state: training.TrainState) -> dict[str, Any]:
+  """One epoch's log row: :data:`METRICS` plus ``density/<layer>`` (kept / total) per sparse layer."""
+  row = {k: metrics[k] for k in METRICS}
+  for c in masks_lib.count_leaves(state.params, core.get_masks(state.opt_state)):
+    if c.sparse:
+      row[f"density/{c.name}"] = c.kept / c.total
+  return row
+
+
 class CSVLogger:
   """Appends one row per epoch to ``path``: :data:`METRICS` plus ``density/<layer>`` columns."""
 
@@ -77,10 +95,9 @@ class CSVLogger:
         writer.writerows(rows)
 
   def __call__(self, metrics: dict[str, Any], state: training.TrainState) -> None:
-    row = {k: metrics[k] for k in METRICS}
-    for c in masks_lib.count_leaves(state.params, core.get_masks(state.opt_state)):
-      if c.sparse:
-        row[f"density/{c.name}"] = c.kept / c.total
+    self.write(epoch_row(metrics, state))
+
+  def write(self, row: dict[str, Any]) -> None:
     new = self.fields is None
     self.fields = self.fields or list(row)
     with open(self.path, "a", newline="") as f:
@@ -88,6 +105,61 @@ class CSVLogger:
       if new:
         writer.writeheader()
       writer.writerow(row)
+
+  def close(self) -> None:
+    pass
+
+
+TENSORBOARD_OFF = ("TensorBoard logging is off: tensorboardX is not installed (pip install "
+                   "tensorboardX, or install jaxsparse with the [experiments] or [test] extra); "
+                   "writing metrics.csv only")
+
+
+class TensorBoardLogger:
+  """Writes every entry of an epoch row but ``epoch`` as a scalar at step ``epoch`` (tensorboardX).
+
+  Each logger starts a new event file in ``logdir``. ``resume_after=k`` (the
+  last checkpointed epoch of a resumed run) sets the writer's purge step to
+  ``k + 1``: TensorBoard then drops whatever the interrupted run logged after
+  epoch ``k`` and the curves continue from the checkpoint. The writer is
+  flushed after every epoch, so a killed run loses no finished epoch.
+
+  Raises:
+    ImportError: when tensorboardX is not installed (see :func:`open_tensorboard`).
+  """
+
+  def __init__(self, logdir: str, *, resume_after: int | None = None):
+    from tensorboardX import SummaryWriter  # optional dependency
+    os.makedirs(logdir, exist_ok=True)
+    # tensorboardX names files by the second and host: a suffix keeps a quick resume from
+    # truncating the previous file.
+    part = sum(n.startswith("events.out.tfevents.") for n in os.listdir(logdir))
+    self.logdir = logdir
+    self.writer = SummaryWriter(logdir, filename_suffix=f".{part}",
+                                purge_step=None if resume_after is None else resume_after + 1)
+
+  def __call__(self, metrics: dict[str, Any], state: training.TrainState) -> None:
+    self.write(epoch_row(metrics, state))
+
+  def write(self, row: dict[str, Any]) -> None:
+    step = int(row["epoch"])
+    for tag, value in row.items():
+      if tag != "epoch":
+        self.writer.add_scalar(tag, float(value), step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+def open_tensorboard(logdir: str, *, resume_after: int | None = None
+                     ) -> TensorBoardLogger | None:
+  """A :class:`TensorBoardLogger`, or None (after printing :data:`TENSORBOARD_OFF`) without tensorboardX."""
+  try:
+    return TensorBoardLogger(logdir, resume_after=resume_after)
+  except ImportError:
+    print(TENSORBOARD_OFF, file=sys.stderr)
+    return None
 
 
 def make_report(config: configs.Config, result: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--overwrite", action="store_true", help="delete --out first")
   p.add_argument("--list", action="store_true", help="list the configs and exit")
   p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-  return p.parse_args(argv)
+  return p.parse_intermixed_args(argv)  # config, overrides and flags in any order
 
 
 def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume: bool = False,
@@ -167,10 +239,24 @@ def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume:
   done = checkpoint.latest_epoch(ckpt_dir) or 0
   with open(os.path.join(out, "config.json"), "w") as f:
     f.write(config.to_json())
-  logger = CSVLogger(os.path.join(out, "metrics.csv"), keep_epochs=done)
-  result = training.train(**config.train_kwargs(), progress=progress,
-                          checkpoint_dir=ckpt_dir, resume=resume, stop_on_nan=True,
-                          on_epoch_end=logger)
+  loggers: list[Any] = [CSVLogger(os.path.join(out, "metrics.csv"), keep_epochs=done)]
+  tensorboard = open_tensorboard(os.path.join(out, "tensorboard"),
+                                 resume_after=done if resume else None)
+  if tensorboard is not None:
+    loggers.append(tensorboard)
+
+  def on_epoch_end(metrics: dict[str, Any], state: training.TrainState) -> None:
+    row = epoch_row(metrics, state)
+    for logger in loggers:
+      logger.write(row)
+
+  try:
+    result = training.train(**config.train_kwargs(), progress=progress,
+                            checkpoint_dir=ckpt_dir, resume=resume, stop_on_nan=True,
+                            on_epoch_end=on_epoch_end)
+  finally:
+    for logger in loggers:
+      logger.close()
   report = make_report(config, result)
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -182,6 +268,18 @@ def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume:
   return report
 
 
+USER_ERRORS = (KeyError, TypeError, ValueError, FileExistsError, FileNotFoundError,
+               FloatingPointError)
+"""Errors of a bad config, override or results folder: printed as one line, exit status 2."""
+
+
+def print_error(err: BaseException) -> int:
+  """Prints ``err`` as ``error: ...`` to stderr; returns the exit status 2."""
+  msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+  print(f"error: {msg}", file=sys.stderr)
+  return 2
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if args.list or not args.config:
@@ -191,11 +289,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     run(args.config, args.overrides, out=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress)
-  except (KeyError, TypeError, ValueError, FileExistsError, FileNotFoundError,
-          FloatingPointError) as err:
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+  except USER_ERRORS as err:
+    return print_error(err)
   return 0
 
 

@@ -5,19 +5,27 @@ is_update_step=...)``: ``inner`` is any optax optimizer (sgd, adam, a chain,
 ``inject_hyperparams(...)``); the method supplies how masks start and how they
 change. One call to ``update`` does, inside one jitted step:
 
-1. ``g <- where(mask, g, 0)``: the inner optimizer never sees gradients of
-   pruned weights;
-2. ``u, inner_state <- inner.update(g, inner_state, params)``;
-3. on a mask-update step (``lax.cond`` on the schedule, so no recompilation):
+1. on a mask-update step (``lax.cond`` on the schedule, so no recompilation):
    ``new_masks, survivors = update_masks(...)`` from the current weights
    ``where(mask, params, 0)`` and this step's raw dense gradient (both at the
-   same point, as RigL's drop and grow criteria need); the inner
-   optimizer's per-weight state (momentum, Adam moments, ...) is zeroed at every
-   weight that is not a survivor (pruned or (re)grown), with
-   ``optax.tree_map_params``;
+   same point, as RigL's drop and grow criteria need). Off update steps
+   ``new_masks = survivors = masks``. Survivors are the weights that carry over
+   unchanged; pruned and (re)grown weights are not survivors;
+2. the inner optimizer's per-weight state (momentum, Adam moments, ...) is
+   zeroed at every weight that is not a survivor, with ``optax.tree_map_params``;
+3. ``u, inner_state <- inner.update(where(survivors, g, 0), state,
+   where(survivors, params, 0))``: the inner optimizer never sees the gradient
+   or the value of a pruned weight, so its state there stays exactly zero (for
+   optax's per-weight optimizers: sgd, momentum, nesterov, adam(w), rmsprop,
+   lion, ...: zero state, zero gradient and zero param give zero state);
 4. returns ``where(survivors, u, -params)``, so that after
    ``optax.apply_updates`` every masked weight is exactly zero and every
    regrown weight starts at exactly zero.
+
+The mask update comes before the inner update (and sees that update, computed
+from the old masks, as ``MaskUpdateInputs.updates``) so that the reset of step
+2 fuses into the inner update: XLA then writes the optimizer state once per
+step in place, and a non-update step costs what a static mask costs.
 
 How the initial mask reaches the params: the first ``update`` zeroes every
 masked weight (step 4). To make the very first forward pass sparse too, apply
@@ -171,19 +179,20 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
       raise ValueError("params: jaxsparse methods need params in update(updates, state, params)")
     masks = state.masks
     grads = updates
-    masked_grads = masks_lib.apply_masks(grads, masks)
-    u, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
-
     aux = state.aux if track is None else track(state.aux, grads, masks)
     new_masks, survivors = masks, masks
     if update_masks is not None:
       def do_update(masks, aux):
         cand = masks_lib.apply_masks(params, masks)
+        # The inner update as it would be with the old masks (DeepR's sign test needs
+        # it); XLA drops it for methods that do not look at it.
+        planned, _ = inner.update(masks_lib.apply_masks(grads, masks), state.inner_state, params,
+                                  **extra_args)
         inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
                                   params=cand, grads=grads, masks=masks, aux=aux,
-                                  inner_state=state.inner_state, updates=u)
+                                  inner_state=state.inner_state, updates=planned)
         new = update_masks(inputs)
-        ok = _all_finite(cand, grads)
+        ok = _all_finite(cand, grads)  # else this update is skipped: masks and aux unchanged
         keep_old = lambda n, o: jnp.where(ok, n, o)
         new_masks = jax.tree.map(keep_old, new.masks, masks)
         survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
@@ -191,13 +200,15 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
         return new_masks, survivors, jax.tree.map(keep_old, new.aux, aux)
 
       # Only the masks go through the cond: passing the optimizer state through it
-      # would copy that state on every step. The reset below is one elementwise
-      # select that XLA fuses into the inner update; off update steps it only
-      # keeps the (already zero) state of masked weights at zero.
+      # would copy that state on every step.
       new_masks, survivors, aux = lax.cond(
           is_update_step(state.count), do_update, lambda masks, aux: (masks, masks, aux),
           masks, aux)
-      inner_state = reset_inner_state(inner, inner_state, survivors)
+      inner_state = reset_inner_state(inner, state.inner_state, survivors)
+    else:
+      inner_state = state.inner_state
+    u, inner_state = inner.update(masks_lib.apply_masks(grads, survivors), inner_state,
+                                  masks_lib.apply_masks(params, survivors), **extra_args)
 
     out = jax.tree.map(
         lambda du, p, keep: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, -p),

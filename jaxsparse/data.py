@@ -1,8 +1,8 @@
 """Small image-classification datasets as numpy arrays, and batch iterators.
 
 Every dataset comes back as a :class:`Dataset`: float32 images in ``[0, 1]``
-of shape ``(N, H, W, 1)`` (NHWC) and int32 labels. Datasets are looked up by
-name in :data:`DATASETS`:
+of shape ``(N, H, W, C)`` (NHWC; ``C`` = 1 for grayscale, 3 for CIFAR) and
+int32 labels. Datasets are looked up by name in :data:`DATASETS`:
 
 * ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images), split
   1437/360 with a stratified, seeded split. Needs no file and no network.
@@ -10,6 +10,10 @@ name in :data:`DATASETS`:
   four IDX files (gzip or not) in ``data_dir`` or, by default, in
   ``/usr/share/datasets/fashion-mnist/`` (Debian package
   ``dataset-fashion-mnist``); or from TensorFlow Datasets when online.
+* ``"cifar10"`` / ``"cifar100"``: CIFAR-10 / CIFAR-100 (fine labels), 50000
+  train and 10000 test 32x32x3 images, through TensorFlow Datasets only
+  (``tfds.load``; the first use downloads them and needs internet, later runs
+  read TFDS's cache; ``data_dir`` is TFDS's data folder).
 
 Example::
 
@@ -229,17 +233,21 @@ def _tfds_split_to_numpy(tfds: Any, ds: Any) -> tuple[np.ndarray, np.ndarray]:
   return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def load_tfds_dataset(tfds_name: str, *, name: str, num_classes: int) -> Dataset:
+def load_tfds_dataset(tfds_name: str, *, name: str, num_classes: int,
+                      data_dir: str | os.PathLike | None = None) -> Dataset:
   """Loads an image dataset's train and test splits with TensorFlow Datasets.
 
   ``tensorflow_datasets`` (and TensorFlow) are imported here, so the rest of
   jaxsparse never needs them. The first call downloads the data (internet).
+  ``data_dir`` is TFDS's own ``data_dir`` (the folder holding ``<tfds_name>/``);
+  None = TFDS's default (``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  kwargs = {} if data_dir is None else {"data_dir": os.fspath(data_dir)}
   splits = {}
   for split in ("train", "test"):
-    ds = tfds.load(tfds_name, split=split, as_supervised=True)
+    ds = tfds.load(tfds_name, split=split, as_supervised=True, **kwargs)
     splits[split] = _tfds_split_to_numpy(tfds, ds)
   (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
   return _make_dataset(name, x_train / np.float32(255.0), y_train, x_test / np.float32(255.0),
@@ -309,9 +317,75 @@ def load_fashion_mnist(*, data_dir: str | None = None, source: str = "auto",
     raise FileNotFoundError(_fashion_mnist_missing_message(directory, err)) from err
 
 
+CIFAR = {"cifar10": ("CIFAR-10", 10), "cifar100": ("CIFAR-100", 100)}
+"""TFDS name -> (display name, number of classes) of the CIFAR datasets (TFDS only)."""
+
+
+def _tfds_only_missing_message(tfds_name: str, data_dir: str | None, error: BaseException) -> str:
+  title = CIFAR[tfds_name][0]
+  if isinstance(error, ImportError):
+    cause = "and TensorFlow Datasets is not installed"
+  else:
+    where = (f"in data_dir={data_dir!r} (it must hold {tfds_name}/<version>/ as TFDS prepares it)"
+             if data_dir is not None else
+             "in TFDS's data folder (~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    cause = f"which found no prepared copy {where} and could not download it"
+  return (
+      f"{title} could not be loaded: jaxsparse reads it through TensorFlow Datasets only, {cause} "
+      f"({type(error).__name__}: {error}).\n"
+      "TFDS downloads the data on first use, which needs internet access. "
+      "Get it one of these ways:\n"
+      "  * pip install tensorflow-datasets tensorflow-cpu, then load it once on a machine with "
+      f"internet (TFDS keeps it in ~/tensorflow_datasets/{tfds_name}/ for later, offline runs);\n"
+      f"  * offline: copy a prepared tensorflow_datasets/{tfds_name}/ folder from a machine that "
+      f"has one and pass data_dir=<the folder holding {tfds_name}/>;\n"
+      "  * or train on a dataset that needs no download: 'digits' (bundled with scikit-learn) or "
+      "'fashion_mnist' (apt-get install -y dataset-fashion-mnist).")
+
+
+def _load_cifar(tfds_name: str, data_dir: str | None, source: str) -> Dataset:
+  if source == "local":
+    raise ValueError(f"source='local' is not available for {tfds_name!r} (it is loaded through "
+                     "TFDS only); use source='auto' or 'tfds'.")
+  data_dir = os.fspath(data_dir) if data_dir is not None else None
+  try:
+    return load_tfds_dataset(tfds_name, name=tfds_name, num_classes=CIFAR[tfds_name][1],
+                             data_dir=data_dir)
+  except Exception as err:  # pylint: disable=broad-except  # ImportError, download errors, ...
+    raise FileNotFoundError(_tfds_only_missing_message(tfds_name, data_dir, err)) from err
+
+
+def load_cifar10(*, data_dir: str | None = None, source: str = "auto", seed: int = 0) -> Dataset:
+  """CIFAR-10 through TFDS: 50000 train / 10000 test, 32x32x3, 10 classes (fixed split).
+
+  Args:
+    data_dir: TFDS's data folder (holding ``cifar10/``); None = TFDS's default.
+    source: ``"tfds"`` or ``"auto"`` (the same here); ``"local"`` is an error.
+    seed: unused (the split is fixed).
+
+  Raises:
+    FileNotFoundError: when TFDS (or its download) fails; the message says how to
+      get the data. Offline, TFDS retries the download for a few minutes first.
+    ValueError: for ``source="local"``.
+  """
+  del seed  # The official split is fixed.
+  return _load_cifar("cifar10", data_dir, source)
+
+
+def load_cifar100(*, data_dir: str | None = None, source: str = "auto", seed: int = 0) -> Dataset:
+  """CIFAR-100 (fine labels) through TFDS: 50000 / 10000, 32x32x3, 100 classes.
+
+  Arguments and errors as :func:`load_cifar10`.
+  """
+  del seed  # The official split is fixed.
+  return _load_cifar("cifar100", data_dir, source)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
     "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
 }
 """Dataset name -> loader ``(*, data_dir, source, seed) -> Dataset``."""
 
@@ -321,7 +395,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, source: str = "auto"
   """Loads the dataset registered as ``name`` in :data:`DATASETS`.
 
   Args:
-    name: ``"digits"`` or ``"fashion_mnist"`` (see :data:`DATASETS`).
+    name: ``"digits"``, ``"fashion_mnist"``, ``"cifar10"`` or ``"cifar100"``
+      (see :data:`DATASETS`).
     data_dir: where to look for local files (dataset-specific; see the loaders).
     source: one of :data:`SOURCES`.
     seed: seed of the train/test split where the dataset has no fixed split.

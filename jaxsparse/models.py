@@ -12,6 +12,11 @@ same names, so their parameter trees have the same leaves:
 * ``LeNet5Caffe``: ``conv1``, ``conv2`` (``kernel`` of rank 4, ``bias``),
   ``fc1``, ``fc2``.
 
+The CIFAR ResNets, :class:`CifarResNet` (``"resnet20"``, He et al. 2016) and
+:class:`WideResNet` (``"wrn"``, WRN-16-4 by default, Zagoruyko & Komodakis
+2016), are linen only (no nnx twin): bias-free convs with BatchNorm, so their
+sparse leaves are the conv kernels and the final ``fc`` kernel.
+
 Weight matrices and conv kernels are exactly the leaves named ``kernel`` of
 rank >= 2, the usual target of sparsification.
 
@@ -81,12 +86,12 @@ def _lenet5_spatial(height: int, width: int, padding: str) -> tuple[int, int]:
   return size(height), size(width)
 
 
-def _image_batch(x: jax.Array) -> jax.Array:
+def _image_batch(x: jax.Array, model: str = "LeNet-5") -> jax.Array:
   """Adds a channel axis to ``(N, H, W)`` inputs."""
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4:
-    raise ValueError(f"LeNet-5 expects (N, H, W, C) or (N, H, W) inputs, got shape {x.shape}.")
+    raise ValueError(f"{model} expects (N, H, W, C) or (N, H, W) inputs, got shape {x.shape}.")
   return x
 
 
@@ -176,10 +181,149 @@ class LeNet5Caffe(nn.Module):
     return nn.Dense(self.num_classes, use_bias=self.use_bias, name="fc2")(x)
 
 
+# ------------------------------------------------------------------ ResNets for CIFAR-sized inputs
+
+
+def _check_depth(depth: int, *, step: int, offset: int, minimum: int, example: str) -> int:
+  """Blocks per stage, ``(depth - offset) / step``; ValueError naming ``depth`` otherwise."""
+  if (isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < minimum
+      or (depth - offset) % step):
+    raise ValueError(f"depth must be an integer {step}n+{offset} >= {minimum} (e.g. {example}), "
+                     f"got {depth!r}.")
+  return (int(depth) - offset) // step
+
+
+_HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+"""He et al. 2015 ("MSRA") normal init of the conv kernels, as both ResNet papers use."""
+
+
+def _conv3x3(features: int, stride: int, name: str) -> nn.Conv:
+  """3x3 conv, no bias, He init; padding 1 on each side (as PyTorch: stride 2 halves even sizes)."""
+  return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                 use_bias=False, kernel_init=_HE_INIT, name=name)
+
+
+def _conv1x1(features: int, stride: int, name: str) -> nn.Conv:
+  return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
+                 kernel_init=_HE_INIT, name=name)
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=name)
+
+
+class BasicBlock(nn.Module):
+  """He et al. 2016's post-activation basic block: conv3x3-BN-relu-conv3x3-BN, + shortcut, relu.
+
+  The shortcut is the identity, or a 1x1 conv + BN projection (``shortcut_conv``,
+  ``shortcut_bn``) where the width or the resolution changes: the paper's option B.
+  """
+
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = _conv3x3(self.features, self.stride, "conv1")(x)
+    y = nn.relu(_batch_norm(train, "bn1")(y))
+    y = _conv3x3(self.features, 1, "conv2")(y)
+    y = _batch_norm(train, "bn2")(y)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv1x1(self.features, self.stride, "shortcut_conv")(x)
+      x = _batch_norm(train, "shortcut_bn")(x)
+    return nn.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+  """ResNet-``depth`` for CIFAR (He et al. 2016, *Deep Residual Learning*, sec. 4.2).
+
+  conv3x3(16)-BN-relu -> 3 stages of ``n = (depth - 2) / 6`` basic blocks
+  (:class:`BasicBlock`) with 16, 32, 64 filters and strides 1, 2, 2 -> global average
+  pool -> ``fc``. Shortcuts are option B (1x1 conv + BN projection where the shape
+  changes, identity elsewhere), so ResNet-20 has 272,474 params on 32x32x3 with 10
+  classes (272,186 on 28x28x1; option A's parameter-free zero-padding shortcuts would
+  give 269,722). Layers: ``conv1``, ``bn1``,
+  ``stage{s}_block{b}/{conv1,bn1,conv2,bn2[,shortcut_conv,shortcut_bn]}``, ``fc``.
+  Any input size works: 32x32 -> 32, 16, 8 in the three stages; 28x28 -> 28, 14, 7;
+  8x8 digits -> 8, 4, 2.
+  """
+
+  depth: int = 20
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    blocks = _check_depth(self.depth, step=6, offset=2, minimum=8, example="20, 32, 44, 56, 110")
+    _check_features((), self.num_classes)
+    x = _image_batch(x, f"ResNet-{self.depth}")
+    x = _conv3x3(16, 1, "conv1")(x)
+    x = nn.relu(_batch_norm(train, "bn1")(x))
+    for s, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+      for b in range(1, blocks + 1):
+        x = BasicBlock(width, stride if b == 1 else 1, name=f"stage{s}_block{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="fc")(x)
+
+
+class WideBasicBlock(nn.Module):
+  """Zagoruyko & Komodakis 2016's pre-activation block: BN-relu-conv3x3-BN-relu-conv3x3, + shortcut.
+
+  Where the width or the resolution changes the shortcut is a 1x1 conv
+  (``shortcut``) of the pre-activated input, else the identity.
+  """
+
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    a = nn.relu(_batch_norm(train, "bn1")(x))
+    y = _conv3x3(self.features, self.stride, "conv1")(a)
+    y = nn.relu(_batch_norm(train, "bn2")(y))
+    y = _conv3x3(self.features, 1, "conv2")(y)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv1x1(self.features, self.stride, "shortcut")(a)
+    return x + y
+
+
+class WideResNet(nn.Module):
+  """WRN-``depth``-``widen_factor`` (Zagoruyko & Komodakis 2016, *Wide Residual Networks*).
+
+  conv3x3(16) -> 3 groups of ``n = (depth - 4) / 6`` pre-activation blocks
+  (:class:`WideBasicBlock`) of width ``16k``, ``32k``, ``64k`` (``k = widen_factor``),
+  strides 1, 2, 2 -> BN-relu -> global average pool -> ``fc``; no dropout. WRN-16-4
+  (the default) has 2,748,890 params on 32x32x3 with 10 classes (2,748,602 on 28x28x1).
+  Layers: ``conv1``, ``group{g}_block{b}/{bn1,conv1,bn2,conv2[,shortcut]}``, ``bn``, ``fc``.
+  """
+
+  depth: int = 16
+  widen_factor: int = 4
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    blocks = _check_depth(self.depth, step=6, offset=4, minimum=10, example="16, 22, 28, 40")
+    k = self.widen_factor
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+      raise ValueError(f"widen_factor must be a positive integer, got {k!r}.")
+    _check_features((), self.num_classes)
+    x = _image_batch(x, f"WRN-{self.depth}-{k}")
+    x = _conv3x3(16, 1, "conv1")(x)
+    for g, (width, stride) in enumerate(((16 * k, 1), (32 * k, 2), (64 * k, 2)), start=1):
+      for b in range(1, blocks + 1):
+        x = WideBasicBlock(width, stride if b == 1 else 1, name=f"group{g}_block{b}")(x, train)
+    x = nn.relu(_batch_norm(train, "bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="fc")(x)
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "lenet300": LeNet300100,
     "lenet5": LeNet5Caffe,
     "mlp": MLP,
+    "resnet20": CifarResNet,
+    "wrn": WideResNet,
 }
 """Model name -> flax.linen class."""
 

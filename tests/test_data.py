@@ -113,7 +113,7 @@ def test_unknown_name_and_bad_source():
     data.load_dataset("mnist3d")
   with pytest.raises(ValueError, match="source"):
     data.load_dataset("digits", source="internet")
-  assert set(data.DATASETS) == {"digits", "fashion_mnist"}
+  assert set(data.DATASETS) == {"digits", "fashion_mnist", "cifar10", "cifar100"}
 
 
 # ------------------------------------------------------------------ real Fashion-MNIST

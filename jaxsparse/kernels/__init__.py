@@ -7,3 +7,6 @@ from jaxsparse.kernels.pallas_matmul import (BACKENDS, Backend, bsr_matmul, bsr_
                                              resolve_backend)
 from jaxsparse.kernels.layers import (KernelPath, SparseDense, SparseLinear, SparseMask,
                                       choose_path, load_masks, sparse_dense)
+from jaxsparse.kernels.sharded import (ShardedBSR, sharded_bsr_from_dense, sharded_bsr_matmul,
+                                       sharded_bsr_matmul_reference, sharded_bsr_overflow,
+                                       sharded_bsr_to_dense, sharded_bsr_with_data)
