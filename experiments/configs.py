@@ -58,6 +58,7 @@ class Config:
   lr_schedule: str = "cosine"
   seed: int = 0
   data_dir: str | None = None
+  steps_per_call: int | None = None
   model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   method_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -72,6 +73,8 @@ class Config:
     for name in ("epochs", "batch_size"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+    if self.steps_per_call is not None and self.steps_per_call < 1:
+      raise ValueError(f"steps_per_call must be None or >= 1, got {self.steps_per_call!r}")
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
     # Frozen all the way down: copy the dicts so that callers' dicts are not shared.

@@ -46,6 +46,30 @@ def test_every_method_trains_and_ends_at_its_sparsity(method):
   assert result["final_test_accuracy"] > 0.3  # well above chance (0.1) after 4 short epochs
 
 
+def test_steps_per_call_runs_the_same_steps_as_the_scanned_epoch():
+  """Chunks of 3 unrolled steps (the last one 2) vs one scan: same params and losses."""
+  import jax
+  import optax
+  from jaxsparse import core, data, masks, models, static
+
+  ds = data.load_dataset("digits", seed=0)
+  net = models.create_model("lenet300", ds.num_classes)
+  params = models.init_params(net, ds.input_shape, 0)["params"]
+  tx = static.static_sparse(optax.sgd(0.05, momentum=0.9), 0.9)
+  state = training.TrainState(params, {}, tx.init(params))
+  x, y = jax.device_put(ds.x_train[:500]), jax.device_put(ds.y_train[:500])
+  runs = [training.make_train_epoch(net, tx, 100, return_losses=True, steps_per_call=k)(
+      state, x, y, jax.random.key(3)) for k in (None, 3)]
+  (scanned, _, scan_losses), (chunked, _, chunk_losses) = runs
+  assert chunk_losses.shape == scan_losses.shape == (5,)
+  np.testing.assert_allclose(chunk_losses, scan_losses, rtol=1e-4)
+  assert masks.sparsity(chunked.params, core.get_masks(chunked.opt_state)) == pytest.approx(0.9, abs=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), scanned.params,
+               chunked.params)
+  with pytest.raises(ValueError, match="steps_per_call"):
+    training.make_train_epoch(net, tx, 100, steps_per_call=0)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="method"):
     training.make_method("rigl2", None, 0.5, total_steps=10, steps_per_epoch=1)
