@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 
@@ -39,13 +40,19 @@ MODELS = {
 
 def interleaved_medians(fns: dict, repeats: int) -> dict:
   """Median seconds of each fn; the fns are timed in turn within each repeat, so
-  that drift in a shared machine's load hits all of them alike."""
+  that drift in a shared machine's load hits all of them alike, in an order shuffled
+  (fixed seed) at every repeat, so that no fn always runs right after the same one (on
+  CPU a step timed right after an update step, which frees much memory, ran ~5-10%
+  slower)."""
   for fn in fns.values():  # warm-up (and compilation)
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
+  order, rng = list(fns), random.Random(0)
   for _ in range(repeats):
-    for name, fn in fns.items():
+    rng.shuffle(order)
+    for name in order:
+      fn = fns[name]
       t0 = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - t0)

@@ -52,6 +52,7 @@ import optax
 from jax import lax
 
 from jaxsparse import masks as masks_lib
+from jaxsparse import topk
 from jaxsparse.masks import Masks, Params
 
 
@@ -121,9 +122,11 @@ def masks_from_fn(params: Params, sparse_names: Any, fn: Callable[[str, jax.Arra
 
 
 def _all_finite(*trees: Any) -> jax.Array:
+  """Whether every float entry of ``trees`` is finite (counted with dots, not reductions:
+  see :func:`jaxsparse.topk.count_true`; this runs in every method's update branch)."""
   leaves = [x for t in trees for x in jax.tree.leaves(t)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+  return sum(topk.count_true(~jnp.isfinite(x)) for x in leaves) == 0 if leaves else jnp.bool_(True)
 
 
 def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,

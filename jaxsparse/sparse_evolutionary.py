@@ -38,8 +38,8 @@ def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
   """
   pos = values > 0
   neg = values < 0
-  k_pos = jnp.floor(zeta * jnp.sum(pos)).astype(jnp.int32)
-  k_neg = jnp.floor(zeta * jnp.sum(neg)).astype(jnp.int32)
+  k_pos = jnp.floor(zeta * topk.count_true(pos)).astype(jnp.int32)
+  k_neg = jnp.floor(zeta * topk.count_true(neg)).astype(jnp.int32)
   # Both sides in one selection: the k_pos smallest |w| among positives (group 0)
   # and the k_neg smallest |w| among negatives (group 1).
   drop = topk.smallest_k_per_group(jnp.abs(values), neg.astype(jnp.int32),
@@ -65,7 +65,7 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
   """
   drop = set_drop(w.reshape(-1)[active], zeta)
   kept = mask.reshape(-1).at[active].set(~drop)
-  n_grow = jnp.sum(drop, dtype=jnp.int32)
+  n_grow = topk.count_true(drop)
   grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
   new = kept.at[grown].set(True, mode="drop")
   slot = jnp.cumsum(drop, dtype=jnp.int32) - 1

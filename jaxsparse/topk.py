@@ -60,14 +60,6 @@ def _per_element(values: jax.Array, group: jax.Array | None) -> jax.Array:
   return out
 
 
-def _group_sum(parts: list[jax.Array], groups: list, num_groups: int) -> jax.Array:
-  """int32[G]: count of True in ``parts`` per group (G small and static: G cheap reductions)."""
-  if num_groups == 1:
-    return sum(jnp.sum(x, dtype=jnp.int32) for x in parts)[None]
-  return jnp.stack([sum(jnp.sum(x & (g == i), dtype=jnp.int32) for x, g in zip(parts, groups))
-                    for i in range(num_groups)])
-
-
 def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
                num_groups: int) -> jax.Array:
   """int32[G, 65536]: ``weights`` summed per (group, 16-bit digit), one scatter-add per array.
@@ -81,45 +73,99 @@ def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
   return h.reshape(num_groups, _BINS)
 
 
-def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per row g of the histogram ``h[G, 65536]``: the first bucket ``b`` whose running
-  count reaches ``k[g]`` (65535 if none does), and the count in the buckets below it.
+# Why prefix sums and counts below are written as associative scans and dots: XLA on CPU
+# lowers a cumsum to a tree of reduce-windows and a large sum to a reduce-window plus a
+# reduce, each with its own reduction computation, and PjRt's CPU client makes a small
+# aligned allocation at every call for every value of every such computation in the
+# program, in taken branches or not (~0.2 us each). With reductions, SET's never-taken
+# update branch held ~1,400 of them on LeNet-300-100: ~0.3 ms on each 2 ms step.
 
-  Two levels of 256 x 256 instead of one 65536-long prefix sum: XLA on CPU lowers a
-  cumsum to a reduce-window that costs ~0.7 ms at this length, the two-level search
-  ~0.1 ms; the result is the same as ``searchsorted(cumsum(h), k)``.
+
+def _prefix_sum(x: jax.Array) -> jax.Array:
+  """Inclusive prefix sum along the last axis (an associative scan, not ``jnp.cumsum``:
+  see the comment above)."""
+  return lax.associative_scan(jnp.add, x, axis=x.ndim - 1)
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+  """int32 sum along the last axis of an int or bool array of rank >= 2: a dot with ones,
+  which XLA keeps as a dot, not a reduction, as long as there are two rows or more (it
+  rewrites a one-row dot into a reduction, so a single row gets a zero row added)."""
+  lead = x.shape[:-1]
+  x = x.astype(jnp.int32)
+  if int(np.prod(lead)) == 1:
+    x = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), jnp.int32)])
+    return jnp.dot(x, jnp.ones(x.shape[-1], jnp.int32))[:1].reshape(lead)
+  return jnp.dot(x, jnp.ones(x.shape[-1], jnp.int32))
+
+
+_DOT_COUNT_MAX = 1 << 16  # larger arrays: a reduction's fixed per-call cost is negligible
+
+
+def count_true(x: jax.Array) -> jax.Array:
+  """int32 count of the True entries of a bool array (or sum of an int array).
+
+  Up to 65536 entries, as dots over the last axis, one axis at a time (no reduction, no
+  flattening, so a sharded ``x`` stays sharded); see the comment above
+  :func:`_prefix_sum` for why. Larger arrays use ``jnp.sum``: there the work dwarfs a
+  reduction's fixed cost, and the int32 dot would be slower than the reduction.
+  """
+  x = jnp.asarray(x)
+  if x.size > _DOT_COUNT_MAX:
+    return jnp.sum(x, dtype=jnp.int32)
+  x = x.astype(jnp.int32)
+  while x.ndim > 1:
+    x = _row_sum(x)
+  return _row_sum(x.reshape(1, -1))[0] if x.ndim == 1 else x
+
+
+def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per row g of the histogram ``h[G, 65536]``, with ``k[g]`` clipped to ``[0, sum(h[g])]``:
+  the first bucket ``b`` whose running count reaches it, the count in the buckets below
+  ``b``, and the clipped ``k``.
+
+  Two levels of 256 x 256 instead of one 65536-long prefix sum (cheaper on CPU). Within
+  a level the bucket is the count of running sums below ``k`` (256 compares, not a
+  ``searchsorted`` loop). The bucket is ``searchsorted(cumsum(h), k)``.
   """
   g = h.shape[0]
   rows = jnp.arange(g)
   hh = h.reshape(g, 256, 256)
-  per_row = hh.sum(axis=2, dtype=jnp.int32)
-  c_row = jnp.cumsum(per_row, axis=1)
-  r = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c_row, k), 0, 255)
+  # prefix sums along the 256-long rows as one dot with an upper-triangular matrix of ones
+  upper = (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32)
+  per_row = _row_sum(hh)
+  c_row = jnp.dot(per_row, upper)
+  k = jnp.clip(k, 0, c_row[:, 255])
+  r = jnp.minimum(_row_sum(c_row < k[:, None]), 255)
   below_r = c_row[rows, r] - per_row[rows, r]
   within = hh[rows, r]
-  c_in = jnp.cumsum(within, axis=1)
-  j = jnp.clip(jax.vmap(lambda c, kk: jnp.searchsorted(c, kk, side="left"))(c_in, k - below_r),
-               0, 255)
-  return r * 256 + j, below_r + c_in[rows, j] - within[rows, j]
+  c_in = jnp.dot(within, upper)
+  j = jnp.minimum(_row_sum(c_in < (k - below_r)[:, None]), 255)
+  return r * 256 + j, below_r + c_in[rows, j] - within[rows, j], k
 
 
 def _kth_keys(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
-              num_groups: int) -> jax.Array:
-  """Per group g, the smallest uint32 ``t_g`` with ``count(ok & group == g & key <= t_g) >= k[g]``.
+              num_groups: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per group g, with ``k[g]`` clipped to ``[0, count(ok & group == g)]``: the smallest
+  uint32 ``t_g`` with ``count(ok & group == g & key <= t_g) >= k[g]``.
 
   A two-pass radix select: pass 1 histograms the high 16 bits of the valid
   keys (one 65536-bin histogram per group, filled by scatter-adds) and
   finds the bucket holding each group's k-th key; pass 2 histograms the low
   16 bits inside those buckets.
+
+  Returns ``(t, k, below, at)``: the thresholds, the clipped ``k``, and per group the
+  counts of valid keys ``< t`` and ``== t`` (read off the histograms).
   """
   ones = [ok.astype(jnp.int32) for ok in oks]
   his = [(key >> 16).astype(jnp.int32) for key in keys]
-  b, below = _bucket_of_kth(_histogram(his, groups, ones, num_groups), k)
-  need = k - below
+  b, below_b, k = _bucket_of_kth(_histogram(his, groups, ones, num_groups), k)
   los = [(key & 0xFFFF).astype(jnp.int32) for key in keys]
   in_bucket = [o * (hi == _per_element(b, g)) for o, hi, g in zip(ones, his, groups)]
-  l, _ = _bucket_of_kth(_histogram(los, groups, in_bucket, num_groups), need)
-  return (b.astype(jnp.uint32) << 16) | l.astype(jnp.uint32)
+  h2 = _histogram(los, groups, in_bucket, num_groups)
+  l, below_l, _ = _bucket_of_kth(h2, k - below_b)
+  t = (b.astype(jnp.uint32) << 16) | l.astype(jnp.uint32)
+  return t, k, below_b + below_l, h2[jnp.arange(num_groups), l]
 
 
 def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
@@ -191,12 +237,10 @@ def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], 
                      num_groups: int) -> list[jax.Array]:
   """Masks of the ``k[g]`` smallest uint32 ``keys`` among ``oks`` in each group, over all arrays
   together (ties: earlier array, then lower flat index). ``groups[i]`` is None when G == 1."""
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, _group_sum(oks, groups, num_groups))
-  t = _kth_keys(keys, groups, oks, k, num_groups)
+  t, k, n_below, n_at = _kth_keys(keys, groups, oks, jnp.asarray(k, jnp.int32), num_groups)
   below = [ok & (key < _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
   at = [ok & (key == _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
-  need = k - _group_sum(below, groups, num_groups)
-  n_at = _group_sum(at, groups, num_groups)
+  need = k - n_below
 
   def break_ties():
     # Among the ties, the need[g] of lowest flat index (over all arrays in order): one more
@@ -206,12 +250,13 @@ def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], 
     if offsets[-1] > np.iinfo(np.uint32).max:
       raise ValueError(f"scores: at most 2**32 entries in all, got {offsets[-1]}")
     idx = [_flat_index(a.shape, int(o)) for a, o in zip(at, offsets)]
-    last = _kth_keys(idx, groups, at, need, num_groups)
+    last = _kth_keys(idx, groups, at, need, num_groups)[0]
     return tuple(a & (i <= _per_element(last, g)) & (_per_element(need, g) > 0)
                  for a, i, g in zip(at, idx, groups))
 
   # Ties at the threshold are rare: only then pay for two more histogram passes.
-  take_at = lax.cond(jnp.all(n_at <= need), lambda: tuple(at), break_ties)
+  all_fit = _row_sum((n_at > need)[None])[0] == 0   # jnp.all(n_at <= need), as a dot
+  take_at = lax.cond(all_fit, lambda: tuple(at), break_ties)
   return [(b | ta) & (_per_element(k, g) > 0) for b, ta, g in zip(below, take_at, groups)]
 
 
@@ -275,7 +320,7 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
   """
   n = allowed.size
   flat = allowed.reshape(-1)
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(size, jnp.sum(flat, dtype=jnp.int32)))
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(size, count_true(flat)))
   draws = min(2 * size + 1024, 4 * n)
   order = jnp.arange(draws, dtype=jnp.int32)
   c = jax.random.randint(key, (draws,), 0, n, jnp.int32)
@@ -290,6 +335,9 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
 
   def exact():
     chosen = random_k_mask(jax.random.fold_in(key, 1), k, allowed).reshape(-1)
-    return jnp.nonzero(chosen, size=size, fill_value=n)[0].astype(jnp.int32)
+    # jnp.nonzero(chosen, size=size, fill_value=n), with a scan instead of a cumsum
+    slot = jnp.where(chosen, _prefix_sum(chosen.astype(jnp.int32)) - 1, size)
+    return jnp.full((size,), n, jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32),
+                                                       mode="drop")
 
   return lax.cond(rank[-1] >= k, fast, exact)

@@ -168,3 +168,4 @@ def test_pruning_bad_input():
     js.gradual_pruning(optax.sgd(0.1), 1.2)
   with pytest.raises(ValueError, match="num_updates"):
     js.gradual_pruning(optax.sgd(0.1), 0.5, num_updates=0)
+

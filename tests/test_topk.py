@@ -94,3 +94,34 @@ def test_random_k_positions_exact_distinct_allowed(n_allowed):
     chosen = pos[:k]
     assert len(set(chosen.tolist())) == k and allowed[chosen].all()
     assert (pos[k:] == n).all()
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (1, 1), (3, 5), (2, 1, 4), (300, 257)])
+def test_count_true_matches_numpy(shape):
+  x = np.random.default_rng(len(shape)).random(shape) < 0.4
+  assert int(jax.jit(topk.count_true)(jnp.asarray(x))) == int(x.sum())
+
+
+def _reduction_ops(compiled_text: str) -> list[str]:
+  return [line.strip()[:120] for line in compiled_text.splitlines()
+          if " reduce(" in line or " reduce-window(" in line]
+
+
+def test_selections_compile_without_reductions():
+  # XLA:CPU's PjRt client pays ~0.2 us per call for every value of every reduction
+  # computation in a program, whether its branch runs or not; the selections are
+  # written with scans and dots so that a never-taken mask update costs nothing.
+  x = jnp.linspace(-1.0, 1.0, 3000).reshape(60, 50)
+  fns = {
+      "smallest_k_mask": (lambda x: topk.smallest_k_mask(x, 100), (x,)),
+      "smallest_k_per_group": (lambda x: topk.smallest_k_per_group(
+          x, (x < 0).astype(jnp.int32), jnp.array([10, 20]), x != 0), (x,)),
+      "random_k_positions": (lambda a: topk.random_k_positions(jax.random.key(0), 30, a, 200),
+                             (x > 0,)),
+  }
+  from jaxsparse import core   # the finiteness check of every method's mask update
+  tree = {"w": x, "b": jnp.ones(7), "n": jnp.arange(3)}
+  fns["core._all_finite"] = (lambda t: core._all_finite(t), (tree,))
+  for name, (fn, args) in fns.items():
+    ops = _reduction_ops(jax.jit(fn).lower(*args).compile().as_text())
+    assert not ops, f"{name}: {ops}"
