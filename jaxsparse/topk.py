@@ -111,6 +111,8 @@ def count_true(x: jax.Array) -> jax.Array:
   reduction's fixed cost, and the int32 dot would be slower than the reduction.
   """
   x = jnp.asarray(x)
+  if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise TypeError(f"x: count_true takes a bool or integer array, got dtype {x.dtype}")
   if x.size > _DOT_COUNT_MAX:
     return jnp.sum(x, dtype=jnp.int32)
   x = x.astype(jnp.int32)

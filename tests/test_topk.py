@@ -102,6 +102,11 @@ def test_count_true_matches_numpy(shape):
   assert int(jax.jit(topk.count_true)(jnp.asarray(x))) == int(x.sum())
 
 
+def test_count_true_rejects_float_input():
+  with pytest.raises(TypeError, match="x: count_true takes a bool or integer array"):
+    topk.count_true(jnp.ones(3))
+
+
 def _reduction_ops(compiled_text: str) -> list[str]:
   return [line.strip()[:120] for line in compiled_text.splitlines()
           if " reduce(" in line or " reduce-window(" in line]
