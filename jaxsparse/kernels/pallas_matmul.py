@@ -168,7 +168,9 @@ def _dx_loop_kernel(ptr_ref, col_ref, dy_ref, d_ref, o_ref, *, bn):
 def _dw_loop_kernel(nnz_ref, row_ref, col_ref, x_ref, dy_ref, o_ref, *, bm, bk, bn, n_m):
   s = pl.program_id(0)
   r, c = row_ref[s], col_ref[s]
-  steps = jnp.where(s < nnz_ref[0], n_m, 0)
+  # Slots past nnz run no iteration. Integer arithmetic, not ``jnp.where``: Triton's
+  # lowering of a select between int32 scalars asserts on its i1 condition (jax 0.11.2).
+  steps = n_m * jnp.clip(nnz_ref[0] - s, 0, 1)
 
   def body(m, acc):
     rows = pl.ds(pl.multiple_of(m * bm, bm), bm)
@@ -176,7 +178,9 @@ def _dw_loop_kernel(nnz_ref, row_ref, col_ref, x_ref, dy_ref, o_ref, *, bm, bk, 
     dyb = dy_ref[rows, pl.ds(pl.multiple_of(c * bn, bn), bn)]
     return acc + _dot(xb, dyb, (0, 0))
 
-  acc = lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
+  # Both bounds int32: a Python 0 lowers to an index-typed bound, and Triton's verifier
+  # rejects an ``scf.for`` whose bounds differ in type.
+  acc = lax.fori_loop(jnp.int32(0), steps, body, jnp.zeros((bk, bn), jnp.float32))
   o_ref[0] = acc.astype(o_ref.dtype)
 
 

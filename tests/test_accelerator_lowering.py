@@ -1,0 +1,69 @@
+"""Accelerator guards that run on the CPU: programs lowered for CUDA and inspected.
+
+The block-sparse kernels' backward pass once failed on an H200 with "Failed to parse
+Triton module: 'scf.for' op failed to verify", although every CPU test passed (they run
+the kernels in interpret mode). Lowering for CUDA needs no GPU, and the Triton module it
+embeds can be verified here exactly as the GPU compiler's first stage does.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxsparse import lowering
+from jaxsparse.kernels import bsr_from_dense, bsr_matmul, bsr_with_data
+
+
+def _kernel_vjp_module(dtype, block):
+  k, n = 2 * block[0], 3 * block[1]
+  bm = np.array([[True, False, True], [False, True, True]])
+  a = bsr_from_dense(jnp.ones((k, n), dtype), bm, block, nnz_max=5)   # nnz_max > nnz
+
+  def step(x, data):
+    f = lambda x, d: bsr_matmul(x, bsr_with_data(a, d), backend="triton")
+    y, vjp = jax.vjp(f, x, data)
+    return y, vjp(y)
+
+  return lowering.lower(step, jax.ShapeDtypeStruct((200, k), dtype),
+                        jax.ShapeDtypeStruct(a.data.shape, dtype), platform="cuda")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("block", [(16, 16), (32, 64), (128, 128)])
+def test_triton_kernels_verify(dtype, block):
+  """Forward, dX and dW: each embedded Triton module parses and passes the MLIR verifier."""
+  names = lowering.verify_triton_kernels(_kernel_vjp_module(dtype, block))
+  assert names == ["bsr_matmul_fwd", "bsr_matmul_dx", "bsr_matmul_dw"]
+
+
+def test_verifier_rejects_the_loop_that_failed_on_the_gpu():
+  """The guard can fail: the old dW kernel's loop, from a Python 0 to a bound built with
+  ``jnp.where`` from the program id (its bounds lower to different integer types)."""
+  def kernel(n_ref, x_ref, o_ref):
+    steps = jnp.where(pl.program_id(0) < n_ref[0], 4, 0)
+    body = lambda m, acc: acc + x_ref[pl.ds(pl.multiple_of(m * 16, 16), 16), :]
+    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+  def f(n, x):
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16, 16), jnp.float32), grid=(2,),
+        in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((64, 16), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((16, 16), lambda i: (0, 0)),
+        compiler_params=pltriton.CompilerParams(), name="bad_loop")(n, x)
+
+  module = lowering.lower(f, jax.ShapeDtypeStruct((1,), jnp.int32),
+                          jax.ShapeDtypeStruct((64, 16), jnp.float32), platform="cuda")
+  assert [k.name for k in lowering.triton_kernels(module)] == ["bad_loop"]
+  with pytest.raises(RuntimeError, match=r"(?s)bad_loop.*scf\.for"):
+    lowering.verify_triton_kernels(module)
+
+
+def test_verify_refuses_a_module_without_triton_kernels():
+  module = lowering.lower(lambda x: x @ x, jnp.ones((4, 4)), platform="cuda")
+  with pytest.raises(ValueError, match="no Triton kernel"):
+    lowering.verify_triton_kernels(module)
+  with pytest.raises(ValueError, match="platform"):
+    lowering.lower(lambda x: x, jnp.ones(2), platform="gpu")
