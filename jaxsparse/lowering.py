@@ -32,15 +32,19 @@ def lower(fn: Callable[..., Any], *args: Any, platform: str, **kwargs: Any) -> i
   """The StableHLO module of ``jax.jit(fn)(*args, **kwargs)`` lowered for ``platform``.
 
   ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; no device of that platform is needed.
+  ``fn`` may also be a ``jax.stages.Traced`` (``jax.jit(f).trace(*args)``), given without
+  ``args``, to lower one trace for several platforms.
 
   Raises:
     ValueError: naming ``platform`` when it is not one of :data:`PLATFORMS`.
   """
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-  jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
-  lowered = jitted.trace(*args, **kwargs).lower(lowering_platforms=(platform,))
-  return lowered.compiler_ir("stablehlo")
+  if isinstance(fn, jax.stages.Traced):
+    traced = fn
+  else:
+    traced = (fn if hasattr(fn, "trace") else jax.jit(fn)).trace(*args, **kwargs)
+  return traced.lower(lowering_platforms=(platform,)).compiler_ir("stablehlo")
 
 
 def _ops(op: Any) -> Iterator[Any]:
@@ -124,6 +128,6 @@ def integer_dots(module: ir.Module) -> list[IntegerDot]:
     if op.name != "stablehlo.dot_general":
       continue
     types = [ir.RankedTensorType(v.type).element_type for v in op.operands]
-    if any(ir.IntegerType.isinstance(t) for t in types):
+    if any(isinstance(t, ir.IntegerType) for t in types):
       out.append(IntegerDot(str(op.location), tuple(str(v.type) for v in op.operands)))
   return out

@@ -73,52 +73,79 @@ def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
   return h.reshape(num_groups, _BINS)
 
 
-# Why prefix sums and counts below are written as associative scans and dots: XLA on CPU
+# Backend-specific lowering choices live here, behind :func:`cpu_or_default`, and nowhere
+# else. On CPU, counts and prefix sums are int32 dots and associative scans: XLA on CPU
 # lowers a cumsum to a tree of reduce-windows and a large sum to a reduce-window plus a
 # reduce, each with its own reduction computation, and PjRt's CPU client makes a small
 # aligned allocation at every call for every value of every such computation in the
-# program, in taken branches or not (~0.2 us each). With reductions, SET's never-taken
-# update branch held ~1,400 of them on LeNet-300-100: ~0.3 ms on each 2 ms step.
+# program, in taken branches or not (~0.2 us each; SET's never-taken update branch held
+# ~1,400 of them on LeNet-300-100: ~0.3 ms on each 2 ms step). On GPU and TPU those dots
+# would be wrong: XLA runs an integer dot on floating-point units, exact only below 2**24
+# (global magnitude pruning kept 99,957,120 of 99,957,146 weights at 100M on an H200).
+# There every count is a reduction and every prefix sum a cumsum, both exact in int32.
+
+
+def cpu_or_default(cpu, default, *args):
+  """``cpu(*args)`` when lowered for CPU, ``default(*args)`` for every other platform.
+
+  The one switch for backend-specific lowering choices (``lax.platform_dependent``): a
+  program lowered for one platform holds only that platform's branch, so neither side
+  costs the other anything. Both must compute the same result exactly.
+  """
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def _prefix_sum(x: jax.Array) -> jax.Array:
-  """Inclusive prefix sum along the last axis (an associative scan, not ``jnp.cumsum``:
-  see the comment above)."""
-  return lax.associative_scan(jnp.add, x, axis=x.ndim - 1)
+  """Exact inclusive prefix sum along the last axis of an integer array."""
+  return cpu_or_default(lambda x: lax.associative_scan(jnp.add, x, axis=x.ndim - 1),
+                        lambda x: jnp.cumsum(x, axis=-1, dtype=x.dtype), x)
 
 
-def _row_sum(x: jax.Array) -> jax.Array:
-  """int32 sum along the last axis of an int or bool array of rank >= 2: a dot with ones,
-  which XLA keeps as a dot, not a reduction, as long as there are two rows or more (it
-  rewrites a one-row dot into a reduction, so a single row gets a zero row added)."""
+def _cpu_row_sum(x: jax.Array) -> jax.Array:
+  # A dot with ones; XLA rewrites a one-row dot into a reduction, so a single row gets a
+  # zero row added.
   lead = x.shape[:-1]
-  x = x.astype(jnp.int32)
   if int(np.prod(lead)) == 1:
     x = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), jnp.int32)])
     return jnp.dot(x, jnp.ones(x.shape[-1], jnp.int32))[:1].reshape(lead)
   return jnp.dot(x, jnp.ones(x.shape[-1], jnp.int32))
 
 
+def _row_sum(x: jax.Array) -> jax.Array:
+  """Exact int32 sum along the last axis of an int or bool array of rank >= 2."""
+  return cpu_or_default(_cpu_row_sum, lambda x: jnp.sum(x, axis=-1, dtype=jnp.int32),
+                        x.astype(jnp.int32))
+
+
+def _row_prefix_sum_256(x: jax.Array) -> jax.Array:
+  """Exact inclusive prefix sums along 256-long int32 rows (the radix histograms' rows)."""
+  # On CPU a dot with an upper-triangular matrix of ones (one op, no reduction computation).
+  upper = (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32)
+  return cpu_or_default(lambda x: jnp.dot(x, upper),
+                        lambda x: jnp.cumsum(x, axis=-1, dtype=jnp.int32), x)
+
+
 _DOT_COUNT_MAX = 1 << 16  # larger arrays: a reduction's fixed per-call cost is negligible
 
 
-def count_true(x: jax.Array) -> jax.Array:
-  """int32 count of the True entries of a bool array (or sum of an int array).
+def _cpu_count(x: jax.Array) -> jax.Array:
+  if x.size > _DOT_COUNT_MAX:
+    return jnp.sum(x, dtype=jnp.int32)
+  while x.ndim > 1:
+    x = _cpu_row_sum(x)
+  return _cpu_row_sum(x.reshape(1, -1))[0] if x.ndim == 1 else x
 
-  Up to 65536 entries, as dots over the last axis, one axis at a time (no reduction, no
-  flattening, so a sharded ``x`` stays sharded); see the comment above
-  :func:`_prefix_sum` for why. Larger arrays use ``jnp.sum``: there the work dwarfs a
-  reduction's fixed cost, and the int32 dot would be slower than the reduction.
+
+def count_true(x: jax.Array) -> jax.Array:
+  """Exact int32 count of the True entries of a bool array (or sum of an int array).
+
+  No flattening, so a sharded ``x`` stays sharded. On CPU, up to 65536 entries, as dots
+  over the last axis one axis at a time (see :func:`cpu_or_default`); elsewhere a sum.
   """
   x = jnp.asarray(x)
   if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
     raise TypeError(f"x: count_true takes a bool or integer array, got dtype {x.dtype}")
-  if x.size > _DOT_COUNT_MAX:
-    return jnp.sum(x, dtype=jnp.int32)
-  x = x.astype(jnp.int32)
-  while x.ndim > 1:
-    x = _row_sum(x)
-  return _row_sum(x.reshape(1, -1))[0] if x.ndim == 1 else x
+  return cpu_or_default(_cpu_count, lambda x: jnp.sum(x, dtype=jnp.int32), x.astype(jnp.int32))
 
 
 def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,15 +160,13 @@ def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, ja
   g = h.shape[0]
   rows = jnp.arange(g)
   hh = h.reshape(g, 256, 256)
-  # prefix sums along the 256-long rows as one dot with an upper-triangular matrix of ones
-  upper = (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32)
   per_row = _row_sum(hh)
-  c_row = jnp.dot(per_row, upper)
+  c_row = _row_prefix_sum_256(per_row)
   k = jnp.clip(k, 0, c_row[:, 255])
   r = jnp.minimum(_row_sum(c_row < k[:, None]), 255)
   below_r = c_row[rows, r] - per_row[rows, r]
   within = hh[rows, r]
-  c_in = jnp.dot(within, upper)
+  c_in = _row_prefix_sum_256(within)
   j = jnp.minimum(_row_sum(c_in < (k - below_r)[:, None]), 255)
   return r * 256 + j, below_r + c_in[rows, j] - within[rows, j], k
 
@@ -257,7 +282,7 @@ def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], 
                  for a, i, g in zip(at, idx, groups))
 
   # Ties at the threshold are rare: only then pay for two more histogram passes.
-  all_fit = _row_sum((n_at > need)[None])[0] == 0   # jnp.all(n_at <= need), as a dot
+  all_fit = count_true(n_at > need) == 0
   take_at = lax.cond(all_fit, lambda: tuple(at), break_ties)
   return [(b | ta) & (_per_element(k, g) > 0) for b, ta, g in zip(below, take_at, groups)]
 
@@ -328,8 +353,7 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
   c = jax.random.randint(key, (draws,), 0, n, jnp.int32)
   first = jnp.full((n,), draws, jnp.int32).at[c].min(order)[c] == order
   ok = first & flat[c]
-  # (an associative scan: half the CPU cost of jnp.cumsum's reduce-window at this length)
-  rank = lax.associative_scan(jnp.add, ok.astype(jnp.int32))
+  rank = _prefix_sum(ok.astype(jnp.int32))
 
   def fast():
     slot = jnp.where(ok & (rank <= k), rank - 1, size)

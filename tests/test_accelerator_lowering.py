@@ -67,3 +67,48 @@ def test_verify_refuses_a_module_without_triton_kernels():
     lowering.verify_triton_kernels(module)
   with pytest.raises(ValueError, match="platform"):
     lowering.lower(lambda x: x, jnp.ones(2), platform="gpu")
+
+
+# ------------------------------------------------- exact selections: no integer matmul
+
+def _train_step_trace(tx):
+  """The jitted train step of an MLP on digits (with biases: dense leaves too), traced."""
+  from tests.helpers import make_step, mlp_params
+  params = mlp_params(jax.random.key(0))
+  opt_state = tx.init(params)
+  spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype), t)
+  return make_step(tx).trace(spec(params), spec(opt_state), jax.ShapeDtypeStruct((32, 64), jnp.float32),
+                             jax.ShapeDtypeStruct((32,), jnp.int32))
+
+
+def _methods():
+  import optax
+  import jaxsparse as js
+  sgd = optax.sgd(0.1, momentum=0.9)
+  return {
+      "set": js.set(sgd, 0.9, update_period=10),
+      "rigl": js.rigl(sgd, 0.9, update_stop=100, update_period=10),
+      "dsr": js.dsr(sgd, 0.9, update_period=10),
+      "deep_r": js.deep_r(sgd, 0.9),
+      "global_gradual": js.gradual_pruning(sgd, 0.9, update_period=10, scope="global"),
+      "global_magnitude": js.magnitude_pruning(sgd, 0.9, prune_step=5, scope="global"),
+  }
+
+
+@pytest.mark.parametrize("method", list(_methods()))
+def test_update_steps_hold_no_integer_matmul_on_gpu_or_tpu(method):
+  """XLA runs an integer dot on GPU/TPU floating-point units, exact only below 2**24 (an
+  H200 miscounted global magnitude pruning at 100M weights): lowered for CUDA and for TPU,
+  the train steps of the mask-updating methods hold none. On CPU they may (faster there)."""
+  traced = _train_step_trace(_methods()[method])
+  for platform in ("cuda", "tpu"):
+    module = lowering.lower(traced, platform=platform)
+    assert lowering.integer_dots(module) == [], platform
+    assert lowering.op_counts(module)["stablehlo.dot_general"] > 0   # the model's matmuls
+
+
+def test_integer_dots_finds_them():
+  module = lowering.lower(lambda a: a @ a, jnp.ones((4, 4), jnp.int32), platform="cuda")
+  assert len(lowering.integer_dots(module)) == 1
+  assert lowering.integer_dots(lowering.lower(lambda a: a @ a, jnp.ones((4, 4)),
+                                              platform="cuda")) == []

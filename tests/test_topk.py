@@ -130,3 +130,49 @@ def test_selections_compile_without_reductions():
   for name, (fn, args) in fns.items():
     ops = _reduction_ops(jax.jit(fn).lower(*args).compile().as_text())
     assert not ops, f"{name}: {ops}"
+
+
+# ------------------------------------------- both lowering branches, above 2**24 entries
+
+
+@pytest.fixture(params=["this_platform", "gpu_tpu_branch"])
+def branch(request, monkeypatch):
+  """Runs a test with the CPU's lowering choices, then with the GPU/TPU branch forced on the CPU
+  (``topk.cpu_or_default`` is the one switch): both must give the same exact results."""
+  if request.param == "gpu_tpu_branch":
+    monkeypatch.setattr(topk, "cpu_or_default", lambda cpu, default, *args: default(*args))
+  return request.param
+
+
+def test_global_selection_exact_above_2_to_the_24(branch):
+  """A global selection over 2**24 + 2**18 entries with heavy ties: every count, prefix sum and
+  histogram total exceeds what an f32 accumulator holds exactly (an H200 miscounted here)."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 1000, (4096, 4096)).astype(np.float32)
+  b = rng.integers(0, 1000, (1 << 18,)).astype(np.float32)
+  k = (1 << 24) + 12_345                      # threshold inside a tied value, ~16.8k ties
+  select = jax.jit(lambda a, b, k: topk.smallest_k_masks([a, b], k))
+  ma, mb = select(jnp.asarray(a), jnp.asarray(b), jnp.int32(k))
+  flat = np.concatenate([a.reshape(-1), b])
+  want = np.zeros(flat.size, bool)
+  want[np.argsort(flat, kind="stable")[:k]] = True
+  got = np.concatenate([np.asarray(ma).reshape(-1), np.asarray(mb)])
+  assert int(got.sum()) == k
+  np.testing.assert_array_equal(got, want)
+  assert int(jax.jit(topk.count_true)(ma)) == int(want[:a.size].sum())
+
+
+def test_branches_agree_on_small_selections(branch):
+  """The per-group selection and the random positions, through the branch under test."""
+  rng = np.random.default_rng(1)
+  x = rng.integers(-5, 5, 407).astype(np.float32)
+  groups = (x > 0).astype(np.int32)
+  got = np.asarray(jax.jit(topk.smallest_k_per_group)(jnp.asarray(x), jnp.asarray(groups),
+                                                      jnp.array([30, 40])))
+  for g, k in ((0, 30), (1, 40)):
+    np.testing.assert_array_equal(got & (groups == g), reference_smallest(x, k, groups == g))
+  allowed = jnp.asarray(rng.random(500) < 0.3)
+  pos = np.asarray(jax.jit(topk.random_k_positions, static_argnums=3)(jax.random.key(2), 50,
+                                                                      allowed, 64))
+  assert len(set(pos[:50].tolist())) == 50 and np.asarray(allowed)[pos[:50]].all()
+  assert (pos[50:] == 500).all()
