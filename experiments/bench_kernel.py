@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxsparse.kernels import (SparseDense, bsr_from_dense, bsr_matmul, bsr_with_data,
-                               expand_block_mask, resolve_backend)
+                               expand_block_mask, resolve_backend, tune_bsr_matmul)
 from jaxsparse.kernels.pallas_matmul import bsr_matmul_reference
 
 
@@ -77,6 +77,9 @@ def matmul_rows(x, w, bm, block, args, backend) -> list[dict]:
   w_masked = jnp.where(mask, w, 0)
   t = lambda f, *xs: median_time(f, *xs, warmup=args.warmup, repeats=args.repeats)
   kw = dict(backend=backend, block_m=args.block_m)
+  tuned = {}
+  if args.tune:   # per-kernel launch configs for this shape, found by timing (then looked up)
+    tuned = dict(config=[list(c) for c in tune_bsr_matmul(x, a, backend=backend)])
 
   dense_fwd = jax.jit(lambda x, w: jnp.dot(x, w))
   sparse_fwd = jax.jit(lambda x, a: bsr_matmul(x, a, **kw))
@@ -93,11 +96,11 @@ def matmul_rows(x, w, bm, block, args, backend) -> list[dict]:
   td = t(dense_fwd, x, w)
   ts = t(sparse_fwd, x, a)
   rows.append(dict(case="forward", impl="pallas_bsr", dense_ms=td * 1e3, ms=ts * 1e3,
-                   ratio=td / ts))
+                   ratio=td / ts, **tuned))
   tdb = t(jax.jit(dense_step), x, w)
   tsb = t(jax.jit(sparse_step), x, a.data)
   rows.append(dict(case="fwd+dX+dW", impl="pallas_bsr", dense_ms=tdb * 1e3, ms=tsb * 1e3,
-                   ratio=tdb / tsb))
+                   ratio=tdb / tsb, **tuned))
   if not args.skip_jsparse:
     from jax.experimental import sparse as jsparse
     f = jax.jit(lambda x, wt: (wt @ x.T).T)      # sparse (N x K) @ dense, the native op
@@ -189,10 +192,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--backend", default=None, help="kernel backend (default: automatic)")
   p.add_argument("--num-warps", type=int, default=4, help="Triton num_warps")
   p.add_argument("--num-stages", type=int, default=3, help="Triton num_stages")
+  p.add_argument("--tune", action="store_true",
+                 help="tune each kernel's launch config per shape first (tune_bsr_matmul); "
+                      "the MLP step then uses the configs tuned for its shapes")
   p.add_argument("--skip-jsparse", action="store_true", help="skip jax.experimental.sparse")
   p.add_argument("--skip-mlp", action="store_true", help="skip the MLP training step")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args = p.parse_args(argv)
+  if args.tune and args.block_m is not None:
+    p.error("--tune and --block-m exclude each other: tuning chooses block_m per kernel")
 
   dtype = jnp.dtype(args.dtype)
   if args.small:

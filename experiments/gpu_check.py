@@ -25,6 +25,8 @@ Parts, in order (``--parts`` picks some; ``--limits part=seconds`` overrides a l
    jaxpruner's SET side by side when ``--jaxpruner DIR`` names a checkout.
 6. ``mask_update`` — :mod:`experiments.bench_mask_update`: global magnitude and DSR
    reallocation at 1M/10M/100M parameters against a dense step.
+7. ``kernels_tuned`` (not run by default) — the kernel benchmark again, after
+   ``tune_bsr_matmul`` picks each kernel's launch config per shape.
 
 It writes ``report.md`` and ``report.json`` (and one JSON per part) under ``--out``,
 labelled with the device's name and the JAX version. ``--small`` runs every part
@@ -44,9 +46,12 @@ import tempfile
 import time
 from typing import Any, Callable
 
-PARTS = ("correctness", "exactness", "kernels", "torch_bsr", "steps", "mask_update")
+PARTS = ("correctness", "exactness", "kernels", "torch_bsr", "steps", "mask_update",
+         "kernels_tuned")
+DEFAULT_PARTS = PARTS[:-1]
 # Seconds per part, process start and compilation included; under 7 minutes in all.
-LIMITS = dict(correctness=60, exactness=40, kernels=90, torch_bsr=40, steps=150, mask_update=50)
+LIMITS = dict(correctness=60, exactness=40, kernels=90, torch_bsr=40, steps=150, mask_update=50,
+              kernels_tuned=180)
 
 
 # ------------------------------------------------------------------------- the parts
@@ -158,11 +163,12 @@ def part_exactness(small: bool) -> dict:
   return dict(rows=rows, ok=ok, markdown=md)
 
 
-def part_kernels(small: bool) -> dict:
+def part_kernels(small: bool, tune: bool = False) -> dict:
   from experiments import bench_kernel
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "k.json")
-    bench_kernel.main((["--small"] if small else []) + ["--skip-jsparse", "--json", path])
+    bench_kernel.main((["--small"] if small else []) + (["--tune"] if tune else [])
+                      + ["--skip-jsparse", "--json", path])
     with open(path) as f:
       out = json.load(f)
   md = ["| sparsity | block | case | dense ms | jaxsparse ms | ratio | ideal |",
@@ -265,7 +271,8 @@ def _run_part(name: str, small: bool, jaxpruner: str | None, path: str) -> dict:
   fns: dict[str, Callable[[], dict]] = dict(
       correctness=lambda: part_correctness(small), exactness=lambda: part_exactness(small),
       kernels=lambda: part_kernels(small), torch_bsr=lambda: part_torch_bsr(small),
-      steps=lambda: part_steps(small, jaxpruner, save), mask_update=lambda: part_mask_update(small))
+      steps=lambda: part_steps(small, jaxpruner, save), mask_update=lambda: part_mask_update(small),
+      kernels_tuned=lambda: part_kernels(small, tune=True))
   out = fns[name]()
   save(out)
   return out
@@ -335,7 +342,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+  p.add_argument("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS,
+                 help=f"default: {' '.join(DEFAULT_PARTS)}")
   p.add_argument("--limits", nargs="+", default=[], metavar="PART=SECONDS",
                  help="override a part's time limit, e.g. steps=120")
   p.add_argument("--small", action="store_true", help="toy sizes: a smoke test on any machine")

@@ -11,6 +11,7 @@ one call each, so the CPU test suite guards accelerator behaviour:
   Pallas ``pallas_call`` embeds, parsed and run through the MLIR verifier, as the
   GPU compiler does before anything else;
 * :func:`integer_dots` — ``dot_general`` ops over integer operands;
+* :func:`host_transfers` — ops that move data between device and host mid-program;
 * :func:`op_counts` — how many of each StableHLO op (program size).
 """
 
@@ -130,4 +131,25 @@ def integer_dots(module: ir.Module) -> list[IntegerDot]:
     types = [ir.RankedTensorType(v.type).element_type for v in op.operands]
     if any(isinstance(t, ir.IntegerType) for t in types):
       out.append(IntegerDot(str(op.location), tuple(str(v.type) for v in op.operands)))
+  return out
+
+
+_HOST_OPS = ("stablehlo.send", "stablehlo.recv", "stablehlo.infeed", "stablehlo.outfeed")
+
+
+def host_transfers(module: ir.Module) -> list[str]:
+  """Ops in ``module`` that move data between the device and the host while it runs.
+
+  Sends, receives, in/outfeeds and Python callbacks (``jax.debug.print``,
+  ``jax.pure_callback``, ``io_callback``): each one stalls a GPU or TPU step on the host.
+  A jitted train step should hold none. Returns one description per op.
+  """
+  out = []
+  for op in _ops(module.operation):
+    if op.name in _HOST_OPS:
+      out.append(f"{op.name} at {op.location}")
+    elif op.name == "stablehlo.custom_call":
+      target = ir.StringAttr(op.attributes["call_target_name"]).value
+      if "callback" in target:
+        out.append(f"custom_call {target} at {op.location}")
   return out

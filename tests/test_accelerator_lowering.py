@@ -104,7 +104,20 @@ def test_update_steps_hold_no_integer_matmul_on_gpu_or_tpu(method):
   for platform in ("cuda", "tpu"):
     module = lowering.lower(traced, platform=platform)
     assert lowering.integer_dots(module) == [], platform
+    assert lowering.host_transfers(module) == [], platform   # no host round trip in a step
     assert lowering.op_counts(module)["stablehlo.dot_general"] > 0   # the model's matmuls
+
+
+def test_host_transfers_finds_callbacks():
+  def f(x):
+    jax.debug.print("x = {}", x)
+    return jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct((4,), jnp.float32), x) + 1
+
+  # (callbacks lower only for a platform whose client exists: the CPU here)
+  found = lowering.host_transfers(lowering.lower(f, jnp.ones(4), platform="cpu"))
+  assert len(found) == 2 and all("callback" in f for f in found)
+  assert lowering.host_transfers(lowering.lower(lambda x: x + 1, jnp.ones(4),
+                                                platform="cuda")) == []
 
 
 def test_integer_dots_finds_them():
@@ -112,3 +125,21 @@ def test_integer_dots_finds_them():
   assert len(lowering.integer_dots(module)) == 1
   assert lowering.integer_dots(lowering.lower(lambda a: a @ a, jnp.ones((4, 4)),
                                               platform="cuda")) == []
+
+
+def test_tuned_launch_configs_verify_too():
+  """A non-default config per kernel (8 warps, 4 stages, other row tiles) still verifies."""
+  from jaxsparse.kernels import BsrMatmulConfig, KernelConfig
+  block = (64, 64)
+  a = bsr_from_dense(jnp.ones((128, 128), jnp.bfloat16), np.array([[1, 0], [1, 1]], bool), block)
+  config = BsrMatmulConfig(KernelConfig(64, 8, 4), KernelConfig(128, 4, 2), KernelConfig(32, 8, 3))
+
+  def step(x, data):
+    f = lambda x, d: bsr_matmul(x, bsr_with_data(a, d), backend="triton", config=config)
+    y, vjp = jax.vjp(f, x, data)
+    return y, vjp(y)
+
+  module = lowering.lower(step, jax.ShapeDtypeStruct((256, 128), jnp.bfloat16),
+                          jax.ShapeDtypeStruct(a.data.shape, jnp.bfloat16), platform="cuda")
+  assert lowering.verify_triton_kernels(module) == ["bsr_matmul_fwd", "bsr_matmul_dx",
+                                                    "bsr_matmul_dw"]

@@ -93,13 +93,50 @@ def resolve_backend(backend: str | Backend | None = None, *, num_warps: int = 4,
                  int(num_stages))
 
 
-def _compiler_params(be: Backend, grid_semantics: tuple[str, ...]) -> Any:
+class KernelConfig(NamedTuple):
+  """Launch parameters of one kernel.
+
+  Attributes:
+    block_m: rows of X (or dY) per program (forward, dX) or per loop step (dW); a power
+      of two >= 16 on Triton.
+    num_warps, num_stages: Triton's warps per program and software-pipeline stages
+      (ignored by the other backends).
+  """
+  block_m: int = 128
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+class BsrMatmulConfig(NamedTuple):
+  """One :class:`KernelConfig` per kernel: forward, dX and dW (each tuned on its own)."""
+  fwd: KernelConfig = KernelConfig()
+  dx: KernelConfig = KernelConfig()
+  dw: KernelConfig = KernelConfig()
+
+
+def _check_config(config: Any, be: Backend) -> BsrMatmulConfig:
+  if not isinstance(config, BsrMatmulConfig):
+    raise TypeError(f"config must be a BsrMatmulConfig, got {type(config).__name__}.")
+  for kind, c in zip(config._fields, config):
+    bm, warps, stages = c
+    if not (isinstance(bm, int) and bm >= 1 and isinstance(warps, int) and isinstance(stages, int)):
+      raise ValueError(f"config.{kind} must hold positive ints, got {c}.")
+    if be.name == "triton" and (bm < 16 or bm & (bm - 1)):
+      raise ValueError(f"config.{kind}.block_m must be a power of two >= 16 for the triton "
+                       f"backend, got {bm}.")
+    if warps not in (1, 2, 4, 8, 16) or stages < 1:
+      raise ValueError(f"config.{kind}: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, "
+                       f"got {c}.")
+  return config
+
+
+def _compiler_params(be: Backend, cfg: KernelConfig, grid_semantics: tuple[str, ...]) -> Any:
   """Backend-specific ``compiler_params`` (None in interpret mode)."""
   if be.interpret or be.strategy == "xla":
     return None
   if be.name == "triton":
     from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=be.num_warps, num_stages=be.num_stages)
+    return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   from jax.experimental.pallas import tpu as pltpu
   return pltpu.CompilerParams(dimension_semantics=grid_semantics)
 
@@ -184,8 +221,9 @@ def _dw_loop_kernel(nnz_ref, row_ref, col_ref, x_ref, dy_ref, o_ref, *, bm, bk, 
   o_ref[0] = acc.astype(o_ref.dtype)
 
 
-def _fwd_loop(x, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int]) -> Array:
-  (m, k), (_, bk, bn) = x.shape, data.shape
+def _fwd_loop(x, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[int, int]
+              ) -> Array:
+  (m, k), (_, bk, bn), bm = x.shape, data.shape, cfg.block_m
   nbc = shape[1] // bn
   ins = (t.t_indptr, t.t_indices, t.t_perm)
   return pl.pallas_call(
@@ -194,12 +232,13 @@ def _fwd_loop(x, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int])
       in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
                 _full(data)],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)), interpret=be.interpret,
-      compiler_params=_compiler_params(be, ("parallel", "parallel")),
+      compiler_params=_compiler_params(be, cfg, ("parallel", "parallel")),
       name="bsr_matmul_fwd")(*ins, x, data)
 
 
-def _dx_loop(dy, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int]) -> Array:
-  (m, n), (_, bk, bn) = dy.shape, data.shape
+def _dx_loop(dy, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[int, int]
+             ) -> Array:
+  (m, n), (_, bk, bn), bm = dy.shape, data.shape, cfg.block_m
   nbr = shape[0] // bk
   ins = (t.indptr, t.indices)
   return pl.pallas_call(
@@ -208,20 +247,20 @@ def _dx_loop(dy, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int])
       in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, n), lambda i, j: (i, 0)),
                 _full(data)],
       out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)), interpret=be.interpret,
-      compiler_params=_compiler_params(be, ("parallel", "parallel")),
+      compiler_params=_compiler_params(be, cfg, ("parallel", "parallel")),
       name="bsr_matmul_dx")(*ins, dy, data)
 
 
-def _dw_loop(x, dy, data, t: _Tables, be: Backend, bm: int) -> Array:
+def _dw_loop(x, dy, data, t: _Tables, be: Backend, cfg: KernelConfig) -> Array:
   nnz_max, bk, bn = data.shape
-  m = x.shape[0]
+  m, bm = x.shape[0], cfg.block_m
   ins = (t.nnz, t.rows, t.indices)
   return pl.pallas_call(
       functools.partial(_dw_loop_kernel, bm=bm, bk=bk, bn=bn, n_m=m // bm),
       out_shape=jax.ShapeDtypeStruct(data.shape, data.dtype), grid=(nnz_max,),
       in_specs=[*(_full(a) for a in ins), _full(x), _full(dy)],
       out_specs=pl.BlockSpec((1, bk, bn), lambda s: (s, 0, 0)), interpret=be.interpret,
-      compiler_params=_compiler_params(be, ("parallel",)),
+      compiler_params=_compiler_params(be, cfg, ("parallel",)),
       name="bsr_matmul_dw")(*ins, x, dy)
 
 
@@ -288,18 +327,19 @@ def _dw_grid_kernel(nnz_ref, row_ref, col_ref, x_ref, dy_ref, o_ref, acc_ref):
     o_ref[0] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _prefetch_call(kernel, n_prefetch, grid, in_specs, out_specs, out_shape, scratch, be, sem,
-                   name):
+def _prefetch_call(kernel, n_prefetch, grid, in_specs, out_specs, out_shape, scratch, be, cfg,
+                   sem, name):
   from jax.experimental.pallas import tpu as pltpu
   spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_prefetch, grid=grid,
                                       in_specs=in_specs, out_specs=out_specs,
                                       scratch_shapes=[_acc_scratch(scratch)])
   return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, interpret=be.interpret,
-                        compiler_params=_compiler_params(be, sem), name=name)
+                        compiler_params=_compiler_params(be, cfg, sem), name=name)
 
 
-def _fwd_grid(x, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int]) -> Array:
-  (m, _), (nnz_max, bk, bn) = x.shape, data.shape
+def _fwd_grid(x, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[int, int]
+              ) -> Array:
+  (m, _), (nnz_max, bk, bn), bm = x.shape, data.shape, cfg.block_m
   nbr, nbc = shape[0] // bk, shape[1] // bn
 
   def x_map(i, j, p, ptr, trow, perm):
@@ -312,13 +352,14 @@ def _fwd_grid(x, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int])
       _fwd_grid_kernel, 3, (m // bm, nbc, nbr),
       [pl.BlockSpec((bm, bk), x_map), pl.BlockSpec((1, bk, bn), d_map)],
       pl.BlockSpec((bm, bn), lambda i, j, p, *_: (i, j)),
-      jax.ShapeDtypeStruct((m, shape[1]), x.dtype), (bm, bn), be,
+      jax.ShapeDtypeStruct((m, shape[1]), x.dtype), (bm, bn), be, cfg,
       ("parallel", "parallel", "arbitrary"), "bsr_matmul_fwd")
   return call(t.t_indptr, t.t_indices, t.t_perm, x, data)
 
 
-def _dx_grid(dy, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int]) -> Array:
-  (m, _), (nnz_max, bk, bn) = dy.shape, data.shape
+def _dx_grid(dy, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[int, int]
+             ) -> Array:
+  (m, _), (nnz_max, bk, bn), bm = dy.shape, data.shape, cfg.block_m
   nbr, nbc = shape[0] // bk, shape[1] // bn
 
   def dy_map(i, r, p, ptr, cols):
@@ -331,20 +372,20 @@ def _dx_grid(dy, data, t: _Tables, be: Backend, bm: int, shape: tuple[int, int])
       _dx_grid_kernel, 2, (m // bm, nbr, nbc),
       [pl.BlockSpec((bm, bn), dy_map), pl.BlockSpec((1, bk, bn), d_map)],
       pl.BlockSpec((bm, bk), lambda i, r, p, *_: (i, r)),
-      jax.ShapeDtypeStruct((m, shape[0]), dy.dtype), (bm, bk), be,
+      jax.ShapeDtypeStruct((m, shape[0]), dy.dtype), (bm, bk), be, cfg,
       ("parallel", "parallel", "arbitrary"), "bsr_matmul_dx")
   return call(t.indptr, t.indices, dy, data)
 
 
-def _dw_grid(x, dy, data, t: _Tables, be: Backend, bm: int) -> Array:
+def _dw_grid(x, dy, data, t: _Tables, be: Backend, cfg: KernelConfig) -> Array:
   nnz_max, bk, bn = data.shape
-  m = x.shape[0]
+  m, bm = x.shape[0], cfg.block_m
   call = _prefetch_call(
       _dw_grid_kernel, 3, (nnz_max, m // bm),
       [pl.BlockSpec((bm, bk), lambda s, i, nnz, rows, cols: (i, rows[s])),
        pl.BlockSpec((bm, bn), lambda s, i, nnz, rows, cols: (i, cols[s]))],
       pl.BlockSpec((1, bk, bn), lambda s, i, *_: (s, 0, 0)),
-      jax.ShapeDtypeStruct(data.shape, data.dtype), (bk, bn), be,
+      jax.ShapeDtypeStruct(data.shape, data.dtype), (bk, bn), be, cfg,
       ("parallel", "arbitrary"), "bsr_matmul_dw")
   return call(t.nnz, t.rows, t.indices, x, dy)
 
@@ -395,7 +436,7 @@ def _dw_xla(x, dy, data, t: _Tables, shape):
 
 class _Static(NamedTuple):
   backend: Backend
-  block_m: int
+  config: BsrMatmulConfig
   shape: tuple[int, int]
 
 
@@ -403,7 +444,7 @@ def _forward(x, data, t, st: _Static):
   if st.backend.strategy == "xla":
     return _fwd_xla(x, data, t, st.shape)
   f = _fwd_loop if st.backend.strategy == "loop" else _fwd_grid
-  return f(x, data, t, st.backend, st.block_m, st.shape)
+  return f(x, data, t, st.backend, st.config.fwd, st.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -415,19 +456,24 @@ def _bsr_mm_fwd(x, data, t, st):
   return _forward(x, data, t, st), (x, data, t)
 
 
+def _input_grad(dy, data, t, st: _Static):
+  if st.backend.strategy == "xla":
+    return _dx_xla(dy, data, t, st.shape)
+  f = _dx_loop if st.backend.strategy == "loop" else _dx_grid
+  return f(dy, data, t, st.backend, st.config.dx, st.shape)
+
+
+def _weight_grad(x, dy, data, t, st: _Static):
+  if st.backend.strategy == "xla":
+    return _dw_xla(x, dy, data, t, st.shape)
+  f = _dw_loop if st.backend.strategy == "loop" else _dw_grid
+  return f(x, dy, data, t, st.backend, st.config.dw)
+
+
 def _bsr_mm_bwd(st: _Static, res, dy):
   x, data, t = res
-  be = st.backend
   dy = dy.astype(x.dtype)
-  if be.strategy == "xla":
-    dx, dw = _dx_xla(dy, data, t, st.shape), _dw_xla(x, dy, data, t, st.shape)
-  elif be.strategy == "loop":
-    dx = _dx_loop(dy, data, t, be, st.block_m, st.shape)
-    dw = _dw_loop(x, dy, data, t, be, st.block_m)
-  else:
-    dx = _dx_grid(dy, data, t, be, st.block_m, st.shape)
-    dw = _dw_grid(x, dy, data, t, be, st.block_m)
-  return dx, dw, None
+  return _input_grad(dy, data, t, st), _weight_grad(x, dy, data, t, st), None
 
 
 _bsr_mm.defvjp(_bsr_mm_fwd, _bsr_mm_bwd)
@@ -439,11 +485,127 @@ def _block_m(m: int, block_m: int | None, be: Backend) -> int:
     block_m = 128
   if not isinstance(block_m, int) or block_m < 1:
     raise ValueError(f"block_m must be a positive integer, got {block_m!r}.")
-  p2 = 1 << max(4, math.ceil(math.log2(max(m, 1))))
-  bm = min(block_m, p2)
+  bm = min(block_m, _rows_p2(m))
   if be.name == "triton" and (bm & (bm - 1) or bm < 16):
     raise ValueError(f"block_m must be a power of two >= 16 for the triton backend, got {bm}.")
   return bm
+
+
+def _rows_p2(m: int) -> int:
+  """The smallest power of two >= max(m, 16): no tile needs more rows than that."""
+  return 1 << max(4, math.ceil(math.log2(max(m, 1))))
+
+
+# ------------------------------------------------------------------- tuned configurations
+
+# Tuned configs, by :func:`tuning_key`; filled by :func:`tune_bsr_matmul` or
+# :func:`load_tuned_configs`, read by :func:`bsr_matmul` at trace time (all static).
+_TUNED: dict[str, BsrMatmulConfig] = {}
+
+
+def tuning_key(m: int, w: BSR, dtype: Any, backend: str | Backend | None = None) -> str:
+  """The key a tuned config is stored under: device kind, backend, dtype and the static shapes."""
+  be = resolve_backend(backend)
+  (k, n), (bk, bn) = w.shape, w.block_shape
+  device = jax.devices()[0].device_kind
+  return (f"{device}|{be.name}|{jnp.dtype(dtype).name}|m{m}|k{k}|n{n}|b{bk}x{bn}"
+          f"|nnz{w.data.shape[0]}")
+
+
+def _default_candidates(be: Backend) -> list[KernelConfig]:
+  if be.name == "triton":
+    return [KernelConfig(bm, w, st) for bm in (64, 128) for w in (4, 8) for st in (3, 4)]
+  return [KernelConfig(bm, be.num_warps, be.num_stages) for bm in (64, 128)]
+
+
+def tune_bsr_matmul(x: Array, w: BSR, *, backend: str | Backend | None = None,
+                    candidates: list[KernelConfig] | None = None, repeats: int = 5
+                    ) -> BsrMatmulConfig:
+  """Times each candidate for the forward, dX and dW kernels on ``x @ w``; keeps the fastest.
+
+  Each kernel is timed on its own (median of ``repeats`` runs after a warm-up, ended by
+  ``block_until_ready``), so the three may pick different configs. The result is stored
+  under :func:`tuning_key`, where later :func:`bsr_matmul` calls of the same shapes find it
+  (when they pass neither ``config`` nor ``block_m``), and returned. A candidate that fails
+  to compile is skipped. On CPU (interpret mode) the times mean nothing.
+
+  Raises:
+    ValueError: naming ``candidates`` when it is empty or every candidate failed.
+  """
+  import statistics
+  import time
+  be = resolve_backend(backend)
+  x = jnp.asarray(x)
+  x2 = x.reshape(-1, w.shape[0])
+  m = x2.shape[0]
+  candidates = _default_candidates(be) if candidates is None else list(candidates)
+  if not candidates:
+    raise ValueError("candidates must hold at least one KernelConfig.")
+  dy = jnp.ones((m, w.shape[1]), x.dtype)
+  t = _tables(w)
+  best = {}
+  for kind in BsrMatmulConfig._fields:
+    times, errors = {}, []
+    for c in dict.fromkeys(KernelConfig(min(c.block_m, _rows_p2(m)), c.num_warps, c.num_stages)
+                           for c in candidates):
+      cfg = _check_config(BsrMatmulConfig(c, c, c), be)
+      st = _Static(be, cfg, w.shape)
+      pad = (-m) % c.block_m
+      xp, dyp = jnp.pad(x2, ((0, pad), (0, 0))), jnp.pad(dy, ((0, pad), (0, 0)))
+      fn = jax.jit({"fwd": lambda x, dy, d, t: _forward(x, d, t, st),
+                    "dx": lambda x, dy, d, t: _input_grad(dy, d, t, st),
+                    "dw": lambda x, dy, d, t: _weight_grad(x, dy, d, t, st)}[kind])
+      try:
+        jax.block_until_ready(fn(xp, dyp, w.data, t))
+      except Exception as e:  # noqa: BLE001 (a config the compiler rejects is not a candidate)
+        errors.append(f"{c}: {type(e).__name__}")
+        continue
+      runs = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(xp, dyp, w.data, t))
+        runs.append(time.perf_counter() - t0)
+      times[c] = statistics.median(runs)
+    if not times:
+      raise ValueError(f"candidates: none compiled for the {kind} kernel ({'; '.join(errors)}).")
+    best[kind] = min(times, key=times.get)
+  config = BsrMatmulConfig(**best)
+  _TUNED[tuning_key(m, w, x.dtype, be)] = config
+  return config
+
+
+def tuned_configs() -> dict[str, BsrMatmulConfig]:
+  """A copy of the tuned configs, by :func:`tuning_key`."""
+  return dict(_TUNED)
+
+
+def save_tuned_configs(path: str) -> None:
+  """Writes the tuned configs to a JSON file (to reuse them in another process)."""
+  import json
+  with open(path, "w") as f:
+    json.dump({k: [list(c) for c in v] for k, v in _TUNED.items()}, f, indent=1)
+
+
+def load_tuned_configs(path: str) -> int:
+  """Adds the tuned configs of a JSON file written by :func:`save_tuned_configs`; returns how many.
+
+  Raises:
+    ValueError: naming ``path`` when an entry is not three ``[block_m, num_warps,
+      num_stages]`` triples.
+  """
+  import json
+  with open(path) as f:
+    raw = json.load(f)
+  loaded = {}
+  for key, triples in raw.items():
+    if (not isinstance(triples, list) or len(triples) != 3
+        or not all(isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) for v in c)
+                   for c in triples)):
+      raise ValueError(f"path {path!r}: entry {key!r} must be three [block_m, num_warps, "
+                       f"num_stages] triples, got {triples!r}.")
+    loaded[key] = BsrMatmulConfig(*(KernelConfig(*c) for c in triples))
+  _TUNED.update(loaded)
+  return len(loaded)
 
 
 def _check_blocks(block_shape: tuple[int, int], be: Backend) -> None:
@@ -457,17 +619,22 @@ def _check_blocks(block_shape: tuple[int, int], be: Backend) -> None:
 
 
 def bsr_matmul(x: Array, w: BSR, *, backend: str | Backend | None = None,
-               block_m: int | None = None) -> Array:
+               block_m: int | None = None, config: BsrMatmulConfig | None = None) -> Array:
   """``x @ w`` for a dense ``x[..., K]`` and a block-sparse ``w`` (``K x N``).
 
   Differentiable in ``x`` and ``w.data`` (the gradient of ``w.data`` is
   non-zero only in stored blocks); the tables are not differentiated. Leading
   axes of ``x`` are flattened into rows, which are padded to a multiple of the
-  row tile ``block_m`` (default 128, reduced for small inputs).
+  row tiles.
+
+  Launch parameters, first match wins: ``config`` (one :class:`KernelConfig` per
+  kernel); else ``block_m`` rows per program for all three kernels with the backend's
+  ``num_warps``/``num_stages``; else a config tuned for these shapes on this device
+  (:func:`tune_bsr_matmul`); else ``block_m=128`` (reduced for small inputs).
 
   Raises:
     ValueError: naming ``x`` when its last axis is not ``K`` or its dtype
-      differs from ``w``'s, or naming ``backend``/``block_m``.
+      differs from ``w``'s, or naming ``backend``/``block_m``/``config``.
   """
   if not isinstance(w, BSR):
     raise TypeError(f"w must be a BSR matrix, got {type(w).__name__}.")
@@ -484,11 +651,19 @@ def bsr_matmul(x: Array, w: BSR, *, backend: str | Backend | None = None,
   lead = x.shape[:-1]
   x2 = x.reshape(-1, w.shape[0])
   m = x2.shape[0]
-  bm = _block_m(m, block_m, be)
-  pad = (-m) % bm
+  if config is not None:
+    config = _check_config(config, be)
+  elif block_m is None and tuning_key(m, w, x.dtype, be) in _TUNED:
+    config = _TUNED[tuning_key(m, w, x.dtype, be)]
+  else:
+    c = KernelConfig(_block_m(m, block_m, be), be.num_warps, be.num_stages)
+    config = BsrMatmulConfig(c, c, c)
+  # No tile larger than the rows need; pad the rows to every kernel's tile (powers of two).
+  config = BsrMatmulConfig(*(c._replace(block_m=min(c.block_m, _rows_p2(m))) for c in config))
+  pad = (-m) % max(c.block_m for c in config)
   if pad:
     x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-  y = _bsr_mm(x2, w.data, _tables(w), _Static(be, bm, w.shape))
+  y = _bsr_mm(x2, w.data, _tables(w), _Static(be, config, w.shape))
   return y[:m].reshape(*lead, w.shape[1])
 
 
