@@ -21,23 +21,41 @@ def reference_smallest(x, k, valid):
   return out
 
 
+# Hypothesis examples of any length run padded to PAD entries (padding invalid), so each
+# jitted selection compiles once for all examples (k is traced).
+PAD = 64
+_smallest = jax.jit(topk.smallest_k_mask)
+_largest = jax.jit(topk.largest_k_mask)
+_top_k = jax.jit(topk.top_k_mask, static_argnums=1)
+_per_group = jax.jit(topk.smallest_k_per_group)
+
+
+def padded(x, valid):
+  n = x.size
+  return (jnp.asarray(np.pad(x, (0, PAD - n))), jnp.asarray(np.pad(valid, (0, PAD - n))))
+
+
 @given(floats, st.integers(0, 70), st.integers(0, 2**31 - 1))
 def test_smallest_k_matches_stable_sort(x, k, seed):
   x = x + 0.0  # no negative zeros: numpy sorts -0.0 == 0.0 by index
   valid = np.random.default_rng(seed).random(x.shape) < 0.7
-  got = np.asarray(jax.jit(topk.smallest_k_mask)(jnp.asarray(x), k, jnp.asarray(valid)))
-  np.testing.assert_array_equal(got, reference_smallest(x, k, valid))
+  xp, vp = padded(x, valid)
+  got = np.asarray(_smallest(xp, jnp.int32(k), vp))
+  assert not got[x.size:].any()
+  np.testing.assert_array_equal(got[:x.size], reference_smallest(x, k, valid))
   assert got.sum() == min(k, valid.sum())
 
 
-@given(floats, st.integers(0, 60))
+@given(floats, st.sampled_from([0, 1, 2, 7, 30, 60]))
 def test_top_k_and_bisection_agree_on_ties(x, k):
   x = x + 0.0
   k = min(k, x.size)
-  a = np.asarray(jax.jit(topk.largest_k_mask)(jnp.asarray(x), k))
-  b = np.asarray(jax.jit(topk.top_k_mask, static_argnums=1)(jnp.asarray(x), k))
+  xp, vp = padded(x, np.ones(x.shape, bool))
+  a = np.asarray(_largest(xp, jnp.int32(k), vp))
+  b = np.asarray(_top_k(xp, k, vp))        # static k: one compile per sampled k
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(a, reference_smallest(-x, k, np.ones(x.shape, bool)))
+  assert not a[x.size:].any()
+  np.testing.assert_array_equal(a[:x.size], reference_smallest(-x, k, np.ones(x.shape, bool)))
 
 
 def test_all_equal_values_take_lowest_indices():
@@ -75,11 +93,13 @@ def test_per_group_selection_matches_numpy(x, k0, k1, seed):
   rng = np.random.default_rng(seed)
   groups = (rng.random(x.shape) < 0.5).astype(np.int32)
   valid = rng.random(x.shape) < 0.8
-  got = np.asarray(jax.jit(topk.smallest_k_per_group)(
-      jnp.asarray(x), jnp.asarray(groups), jnp.array([k0, k1]), jnp.asarray(valid)))
+  xp, vp = padded(x, valid)
+  got = np.asarray(_per_group(xp, jnp.asarray(np.pad(groups, (0, PAD - x.size))),
+                              jnp.array([k0, k1]), vp))
   expected = (reference_smallest(x, k0, valid & (groups == 0))
               | reference_smallest(x, k1, valid & (groups == 1)))
-  np.testing.assert_array_equal(got, expected)
+  assert not got[x.size:].any()
+  np.testing.assert_array_equal(got[:x.size], expected)
 
 
 @pytest.mark.parametrize("n_allowed", [3, 5000])  # 3: the exact fallback; 5000: rejection sampling
