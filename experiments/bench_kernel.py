@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse.kernels import (SparseDense, bsr_from_dense, bsr_matmul, bsr_with_data,
-                               expand_block_mask, resolve_backend, tune_bsr_matmul)
+from jaxsparse.kernels import (BsrMatmulConfig, KernelConfig, SparseDense, bsr_from_dense,
+                               bsr_matmul, bsr_with_data, expand_block_mask, resolve_backend,
+                               tune_bsr_matmul)
 from jaxsparse.kernels.pallas_matmul import bsr_matmul_reference
 
 
@@ -97,6 +98,13 @@ def matmul_rows(x, w, bm, block, args, backend) -> list[dict]:
   ts = t(sparse_fwd, x, a)
   rows.append(dict(case="forward", impl="pallas_bsr", dense_ms=td * 1e3, ms=ts * 1e3,
                    ratio=td / ts, **tuned))
+  if args.compare_order:   # the launch order before 2026-11-30: one block column at a time
+    c = KernelConfig(args.block_m or 128, backend.num_warps, backend.num_stages, rows_outer=False)
+    old = jax.jit(lambda x, a: bsr_matmul(x, a, backend=backend,
+                                          config=BsrMatmulConfig(c, c, c)))
+    to = t(old, x, a)
+    rows.append(dict(case="forward", impl="pallas_bsr, rows inner (old order)",
+                     dense_ms=td * 1e3, ms=to * 1e3, ratio=td / to))
   tdb = t(jax.jit(dense_step), x, w)
   tsb = t(jax.jit(sparse_step), x, a.data)
   rows.append(dict(case="fwd+dX+dW", impl="pallas_bsr", dense_ms=tdb * 1e3, ms=tsb * 1e3,
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--tune", action="store_true",
                  help="tune each kernel's launch config per shape first (tune_bsr_matmul); "
                       "the MLP step then uses the configs tuned for its shapes")
+  p.add_argument("--compare-order", action="store_true",
+                 help="also time the forward with the old launch order (rows_outer=False)")
   p.add_argument("--skip-jsparse", action="store_true", help="skip jax.experimental.sparse")
   p.add_argument("--skip-mlp", action="store_true", help="skip the MLP training step")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")

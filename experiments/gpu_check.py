@@ -15,8 +15,9 @@ Parts, in order (``--parts`` picks some; ``--limits part=seconds`` overrides a l
    1e9 entries with heavy ties: the kept count is exactly k, and no dropped score
    exceeds a kept one.
 3. ``kernels`` — :mod:`experiments.bench_kernel`: X 16384x8192 @ W 8192x8192 bf16 at
-   90%/50% block sparsity, blocks 64/128, forward and forward+dX+dW, and the
-   three-layer width-8192 MLP training step; ratio = ``jnp.dot`` time / kernel time.
+   90%/50% block sparsity, blocks 64/128, forward (also in the launch order used
+   before 2026-11-30) and forward+dX+dW, and the three-layer width-8192 MLP training
+   step; ratio = ``jnp.dot`` time / kernel time.
 4. ``torch_bsr`` — PyTorch's Triton BSR kernel (``torch.sparse._triton_ops
    .bsr_dense_mm``) on the same shapes and masks, when torch is importable (it is
    not a dependency of jaxsparse).
@@ -167,13 +168,13 @@ def part_kernels(small: bool, tune: bool = False) -> dict:
   from experiments import bench_kernel
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "k.json")
-    bench_kernel.main((["--small"] if small else []) + (["--tune"] if tune else [])
+    bench_kernel.main((["--small"] if small else []) + (["--tune"] if tune else ["--compare-order"])
                       + ["--skip-jsparse", "--json", path])
     with open(path) as f:
       out = json.load(f)
-  md = ["| sparsity | block | case | dense ms | jaxsparse ms | ratio | ideal |",
-        "|---:|---:|---|---:|---:|---:|---:|"]
-  md += [f"| {r['sparsity']:.0%} | {r['block']} | {r['case']} | {r['dense_ms']:.3f} | "
+  md = ["| sparsity | block | case | implementation | dense ms | jaxsparse ms | ratio | ideal |",
+        "|---:|---:|---|---|---:|---:|---:|---:|"]
+  md += [f"| {r['sparsity']:.0%} | {r['block']} | {r['case']} | {r['impl']} | {r['dense_ms']:.3f} | "
          f"{r['ms']:.3f} | {r['ratio']:.2f}x | {r['ideal']:.1f}x |" for r in out["rows"]]
   return dict(rows=out["rows"], meta=out["meta"], ok=True, markdown="\n".join(md))
 
@@ -335,7 +336,7 @@ def markdown(report: dict) -> str:
             "| sparsity | block | jaxsparse | PyTorch Triton BSR |", "|---:|---:|---:|---:|"]
     for r in report["kernels"].get("rows", []):
       t = torch_rows.get((r["sparsity"], r["block"]))
-      if r["case"] == "forward" and t:
+      if r["case"] == "forward" and r["impl"] == "pallas_bsr" and t:
         out.append(f"| {r['sparsity']:.0%} | {r['block']} | {r['ratio']:.2f}x | {t['ratio']:.2f}x |")
   return "\n".join(out) + "\n"
 

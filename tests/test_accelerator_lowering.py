@@ -132,7 +132,8 @@ def test_tuned_launch_configs_verify_too():
   from jaxsparse.kernels import BsrMatmulConfig, KernelConfig
   block = (64, 64)
   a = bsr_from_dense(jnp.ones((128, 128), jnp.bfloat16), np.array([[1, 0], [1, 1]], bool), block)
-  config = BsrMatmulConfig(KernelConfig(64, 8, 4), KernelConfig(128, 4, 2), KernelConfig(32, 8, 3))
+  config = BsrMatmulConfig(KernelConfig(64, 8, 4), KernelConfig(128, 4, 2, rows_outer=False),
+                           KernelConfig(32, 8, 3))
 
   def step(x, data):
     f = lambda x, d: bsr_matmul(x, bsr_with_data(a, d), backend="triton", config=config)

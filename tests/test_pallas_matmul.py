@@ -224,7 +224,7 @@ def test_per_kernel_configs_with_different_row_tiles_match_masked_dense():
   ct = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
   bm = rng.random((k // 16, n // 16)) < 0.5
   mask = expand_block_mask(jnp.asarray(bm), block)
-  config = BsrMatmulConfig(KernelConfig(16), KernelConfig(32), KernelConfig(64))
+  config = BsrMatmulConfig(KernelConfig(16), KernelConfig(32, rows_outer=False), KernelConfig(64))
 
   @jax.jit
   def run(x, w):
@@ -242,7 +242,7 @@ def test_tuning_picks_a_candidate_per_kernel_stores_it_and_round_trips(tmp_path)
   x = jnp.asarray(rng.normal(size=(48, 64)), jnp.float32)
   a = bsr_from_dense(jnp.asarray(rng.normal(size=(64, 64)), jnp.float32),
                      rng.random((4, 4)) < 0.5, (16, 16))
-  cands = [KernelConfig(16), KernelConfig(32)]
+  cands = [KernelConfig(16), KernelConfig(32), KernelConfig(16, rows_outer=False)]
   cfg = tune_bsr_matmul(x, a, backend="interpret", candidates=cands, repeats=1)
   assert all(c in cands for c in cfg)
   key = tuning_key(48, a, jnp.float32, "interpret")
@@ -254,7 +254,7 @@ def test_tuning_picks_a_candidate_per_kernel_stores_it_and_round_trips(tmp_path)
   save_tuned_configs(path)
   assert load_tuned_configs(path) >= 1 and tuned_configs()[key] == cfg
   with open(path, "w") as f:
-    f.write('{"k": [[16, 4]]}')
+    f.write('{"k": [[16, 4, 3, 1]]}')
   with pytest.raises(ValueError, match="path"):
     load_tuned_configs(path)
   with pytest.raises(ValueError, match="candidates"):

@@ -101,10 +101,15 @@ class KernelConfig(NamedTuple):
       of two >= 16 on Triton.
     num_warps, num_stages: Triton's warps per program and software-pipeline stages
       (ignored by the other backends).
+    rows_outer: forward and dX on the loop strategy: launch the programs of one row
+      tile of X (dY) together, over all block columns (rows), so that they share that
+      row panel in L2; ``False`` launches one block column's row tiles together (the
+      order before 2026-11-30; kept to measure against). Ignored by dW and TPU.
   """
   block_m: int = 128
   num_warps: int = 4
   num_stages: int = 3
+  rows_outer: bool = True
 
 
 class BsrMatmulConfig(NamedTuple):
@@ -118,7 +123,9 @@ def _check_config(config: Any, be: Backend) -> BsrMatmulConfig:
   if not isinstance(config, BsrMatmulConfig):
     raise TypeError(f"config must be a BsrMatmulConfig, got {type(config).__name__}.")
   for kind, c in zip(config._fields, config):
-    bm, warps, stages = c
+    bm, warps, stages, rows_outer = c
+    if not isinstance(rows_outer, bool):
+      raise ValueError(f"config.{kind}.rows_outer must be a bool, got {rows_outer!r}.")
     if not (isinstance(bm, int) and bm >= 1 and isinstance(warps, int) and isinstance(stages, int)):
       raise ValueError(f"config.{kind} must hold positive ints, got {c}.")
     if be.name == "triton" and (bm < 16 or bm & (bm - 1)):
@@ -178,8 +185,21 @@ def _full(a: Any) -> pl.BlockSpec:
 # --------------------------------------------------------------- loop strategy (GPU, interpret)
 
 
-def _fwd_loop_kernel(ptr_ref, trow_ref, perm_ref, x_ref, d_ref, o_ref, *, bk):
-  j = pl.program_id(1)
+def _panel_grid(n_row_tiles: int, n_blocks: int, rows_outer: bool):
+  """The launch grid over (row tile i, block column/row j), and the map program ids -> (i, j).
+
+  A GPU launches grid axis 0 fastest (Pallas maps it to CUDA's x). With ``rows_outer`` the
+  block axis goes first, so the programs running at one time share one row panel of X
+  (or dY) and read it from L2; the other way, every block column re-reads its blocks of
+  X from HBM (X: 256 MiB at 16384x8192 bf16; the stored W blocks at 90% fit in L2).
+  """
+  if rows_outer:
+    return (n_blocks, n_row_tiles), 0, lambda a, b: (b, a)
+  return (n_row_tiles, n_blocks), 1, lambda a, b: (a, b)
+
+
+def _fwd_loop_kernel(ptr_ref, trow_ref, perm_ref, x_ref, d_ref, o_ref, *, bk, block_axis):
+  j = pl.program_id(block_axis)
 
   def body(e, acc):
     r, s = trow_ref[e], perm_ref[e]
@@ -190,8 +210,8 @@ def _fwd_loop_kernel(ptr_ref, trow_ref, perm_ref, x_ref, d_ref, o_ref, *, bk):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _dx_loop_kernel(ptr_ref, col_ref, dy_ref, d_ref, o_ref, *, bn):
-  i = pl.program_id(1)
+def _dx_loop_kernel(ptr_ref, col_ref, dy_ref, d_ref, o_ref, *, bn, block_axis):
+  i = pl.program_id(block_axis)
 
   def body(s, acc):
     c = col_ref[s]
@@ -226,12 +246,13 @@ def _fwd_loop(x, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[
   (m, k), (_, bk, bn), bm = x.shape, data.shape, cfg.block_m
   nbc = shape[1] // bn
   ins = (t.t_indptr, t.t_indices, t.t_perm)
+  grid, block_axis, ij = _panel_grid(m // bm, nbc, cfg.rows_outer)
   return pl.pallas_call(
-      functools.partial(_fwd_loop_kernel, bk=bk),
-      out_shape=jax.ShapeDtypeStruct((m, shape[1]), x.dtype), grid=(m // bm, nbc),
-      in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+      functools.partial(_fwd_loop_kernel, bk=bk, block_axis=block_axis),
+      out_shape=jax.ShapeDtypeStruct((m, shape[1]), x.dtype), grid=grid,
+      in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, k), lambda a, b: (ij(a, b)[0], 0)),
                 _full(data)],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)), interpret=be.interpret,
+      out_specs=pl.BlockSpec((bm, bn), ij), interpret=be.interpret,
       compiler_params=_compiler_params(be, cfg, ("parallel", "parallel")),
       name="bsr_matmul_fwd")(*ins, x, data)
 
@@ -241,12 +262,13 @@ def _dx_loop(dy, data, t: _Tables, be: Backend, cfg: KernelConfig, shape: tuple[
   (m, n), (_, bk, bn), bm = dy.shape, data.shape, cfg.block_m
   nbr = shape[0] // bk
   ins = (t.indptr, t.indices)
+  grid, block_axis, ij = _panel_grid(m // bm, nbr, cfg.rows_outer)
   return pl.pallas_call(
-      functools.partial(_dx_loop_kernel, bn=bn),
-      out_shape=jax.ShapeDtypeStruct((m, shape[0]), dy.dtype), grid=(m // bm, nbr),
-      in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, n), lambda i, j: (i, 0)),
+      functools.partial(_dx_loop_kernel, bn=bn, block_axis=block_axis),
+      out_shape=jax.ShapeDtypeStruct((m, shape[0]), dy.dtype), grid=grid,
+      in_specs=[*(_full(a) for a in ins), pl.BlockSpec((bm, n), lambda a, b: (ij(a, b)[0], 0)),
                 _full(data)],
-      out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)), interpret=be.interpret,
+      out_specs=pl.BlockSpec((bm, bk), ij), interpret=be.interpret,
       compiler_params=_compiler_params(be, cfg, ("parallel", "parallel")),
       name="bsr_matmul_dx")(*ins, dy, data)
 
@@ -514,7 +536,8 @@ def tuning_key(m: int, w: BSR, dtype: Any, backend: str | Backend | None = None)
 
 def _default_candidates(be: Backend) -> list[KernelConfig]:
   if be.name == "triton":
-    return [KernelConfig(bm, w, st) for bm in (64, 128) for w in (4, 8) for st in (3, 4)]
+    return ([KernelConfig(bm, w, st) for bm in (64, 128) for w in (4, 8) for st in (3, 4)]
+            + [KernelConfig(128, be.num_warps, be.num_stages, rows_outer=False)])
   return [KernelConfig(bm, be.num_warps, be.num_stages) for bm in (64, 128)]
 
 
@@ -546,8 +569,7 @@ def tune_bsr_matmul(x: Array, w: BSR, *, backend: str | Backend | None = None,
   best = {}
   for kind in BsrMatmulConfig._fields:
     times, errors = {}, []
-    for c in dict.fromkeys(KernelConfig(min(c.block_m, _rows_p2(m)), c.num_warps, c.num_stages)
-                           for c in candidates):
+    for c in dict.fromkeys(c._replace(block_m=min(c.block_m, _rows_p2(m))) for c in candidates):
       cfg = _check_config(BsrMatmulConfig(c, c, c), be)
       st = _Static(be, cfg, w.shape)
       pad = (-m) % c.block_m
@@ -583,7 +605,7 @@ def save_tuned_configs(path: str) -> None:
   """Writes the tuned configs to a JSON file (to reuse them in another process)."""
   import json
   with open(path, "w") as f:
-    json.dump({k: [list(c) for c in v] for k, v in _TUNED.items()}, f, indent=1)
+    json.dump({k: [[*c[:3], int(c[3])] for c in v] for k, v in _TUNED.items()}, f, indent=1)
 
 
 def load_tuned_configs(path: str) -> int:
@@ -591,7 +613,7 @@ def load_tuned_configs(path: str) -> int:
 
   Raises:
     ValueError: naming ``path`` when an entry is not three ``[block_m, num_warps,
-      num_stages]`` triples.
+      num_stages, rows_outer]`` lists.
   """
   import json
   with open(path) as f:
@@ -599,11 +621,11 @@ def load_tuned_configs(path: str) -> int:
   loaded = {}
   for key, triples in raw.items():
     if (not isinstance(triples, list) or len(triples) != 3
-        or not all(isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) for v in c)
+        or not all(isinstance(c, list) and len(c) == 4 and all(isinstance(v, int) for v in c)
                    for c in triples)):
       raise ValueError(f"path {path!r}: entry {key!r} must be three [block_m, num_warps, "
-                       f"num_stages] triples, got {triples!r}.")
-    loaded[key] = BsrMatmulConfig(*(KernelConfig(*c) for c in triples))
+                       f"num_stages, rows_outer] lists, got {triples!r}.")
+    loaded[key] = BsrMatmulConfig(*(KernelConfig(*c[:3], bool(c[3])) for c in triples))
   _TUNED.update(loaded)
   return len(loaded)
 
