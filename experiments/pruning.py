@@ -174,7 +174,7 @@ def run_model(args, runner: Runner, seed: int, bar) -> list[dict]:
     for r in rounds:
       for sp in a.sparsities:
         if abs(r.sparsity - sp) < 5e-4:
-          row("lottery", sp, r.result, r.masks, init, t0)
+          row("lottery", sp, r.result, r.masks, masks_lib.apply_masks(init, r.masks), t0)
     bar.update(1)
   return rows
 

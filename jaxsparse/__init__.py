@@ -2,8 +2,8 @@
 
 from jaxsparse import (bayesian, criteria, distributions, dst, ephemeral, flops, formats, kernels,
                        masks, obs, regularisers, schedules, sharding, structured, topk)
-from jaxsparse.core import (MaskUpdate, MaskUpdateInputs, SparseState, get_masks, get_sparse_state,
-                            sparse_transform)
+from jaxsparse.core import (Health, MaskUpdate, MaskUpdateInputs, SparseState, get_masks,
+                            get_sparse_state, sparse_transform)
 from jaxsparse.criteria import (grasp_masks, obd_scores, score_masks, score_pruning, snip_masks,
                                 synflow_masks)
 from jaxsparse.deep_rewiring import add_langevin_noise, deep_r, deep_r_optimizer
@@ -15,7 +15,8 @@ from jaxsparse.ephemeral import topk_gradients
 from jaxsparse.regularisers import (add_group_lasso, add_l1, group_lasso_proximal, l1_proximal,
                                     sensitivity_decay, threshold_and_freeze)
 from jaxsparse.flops import count_flops, flops_summary, total_flops
-from jaxsparse.formats import best_formats, export_sparse, storage_sizes, storage_summary
+from jaxsparse.formats import (best_formats, export_sparse, sparse_inference, storage_sizes,
+                               storage_summary)
 from jaxsparse.kernels import (BSR, SparseDense, SparseLinear, bsr_from_dense, bsr_matmul,
                                bsr_to_dense, load_masks)
 from jaxsparse.masks import apply_masks, check_masks, count_leaves, sparsity, summary

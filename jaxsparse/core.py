@@ -34,16 +34,29 @@ the masks once after ``init``:
 
 The wrapper must be the last transform in a chain (transforms before it, such
 as gradient clipping, are fine): a transform after it would change the updates
-that keep masked weights at zero.
+that keep masked weights at zero. That mistake is detected: at step 1 and every
+:data:`CHECK_EVERY` steps after, ``update`` checks that the params it receives
+are zero wherever the mask removes a weight, and counts the checks that find
+otherwise in ``SparseState.health.unmasked`` (such a leak persists, so a
+periodic check finds it at a fraction of a per-step pass's cost);
+:func:`get_masks` then warns, and
+:func:`jaxsparse.summary` / :func:`jaxsparse.sparsity` count such weights as
+kept (and warn).
 
-Mask-update steps whose weights or gradients contain NaN or inf are
-skipped (masks and inner state's reset unchanged), so a bad step cannot corrupt
-the masks; the normal optimizer step still runs.
+A mask update whose inputs are not finite (NaN or inf in the active weights or
+in the gradient of the active weights; entries at removed positions do not
+count) is skipped, so a bad step cannot corrupt the masks; the normal optimizer
+step still runs. The skipped update is not lost: it runs at the next step whose
+inputs are finite (``health.pending``), so a one-shot prune hit by a NaN
+happens one step later. ``health.skipped`` counts the skips, and
+:func:`get_masks` warns while an update is still pending.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +69,29 @@ from jaxsparse import topk
 from jaxsparse.masks import Masks, Params
 
 
+class Health(NamedTuple):
+  """What went wrong so far, counted on device (:func:`get_masks` warns about it).
+
+  Attributes:
+    skipped: int32, mask updates skipped because the weights or gradients they
+      read were not finite.
+    pending: bool, a skipped update is waiting; it runs at the next step whose
+      inputs are finite.
+    unmasked: int32, checks (at step 1 and every :data:`CHECK_EVERY` steps)
+      that found a non-zero weight in the params where the mask removes it: a
+      transform after the method in ``optax.chain`` changed its updates, or the
+      params were edited.
+  """
+  skipped: jax.Array
+  pending: jax.Array
+  unmasked: jax.Array
+
+
+def healthy() -> Health:
+  """A :class:`Health` with nothing counted."""
+  return Health(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_), jnp.zeros([], jnp.int32))
+
+
 class SparseState(NamedTuple):
   """State of every jaxsparse method.
 
@@ -65,12 +101,14 @@ class SparseState(NamedTuple):
     masks: the mask tree (see :mod:`jaxsparse.masks`).
     inner_state: the wrapped optimizer's state.
     aux: method-specific state (e.g. DSR's threshold); ``()`` when unused.
+    health: a :class:`Health` (set by ``init``).
   """
   count: jax.Array
   key: jax.Array
   masks: Masks
   inner_state: optax.OptState
   aux: Any = ()
+  health: Any = None
 
 
 class MaskUpdateInputs(NamedTuple):
@@ -78,7 +116,8 @@ class MaskUpdateInputs(NamedTuple):
   step: jax.Array      # int32 step of this update
   key: jax.Array       # PRNG key for this update
   params: Params       # current weights, where(mask, params, 0), before this step's update
-  grads: Params        # raw dense gradient of this step (before masking)
+  grads: Params        # raw dense gradient of this step (before masking; may be non-finite
+                       # at removed positions: only the active entries are checked)
   masks: Masks         # masks before the update
   aux: Any             # method-specific state
   inner_state: optax.OptState  # inner optimizer state before this step
@@ -95,10 +134,14 @@ class MaskUpdate(NamedTuple):
       ``survivors`` are (re)grown at zero with zeroed optimizer state, even if
       they were active before (dropped and regrown in the same update).
     aux: the method's new ``aux`` state.
+    values: for a method built with ``grow_values=True``, a tree like the
+      params: the values the (re)grown weights start at (read where ``masks``
+      and not ``survivors``); ``None``: they start at zero.
   """
   masks: Masks
   survivors: Masks
   aux: Any = ()
+  values: Any = None
 
 
 InitMasks = Callable[[Params, jax.Array], tuple[Masks, Any]]
@@ -119,6 +162,39 @@ def masks_from_fn(params: Params, sparse_names: Any, fn: Callable[[str, jax.Arra
   out = [fn(n, leaf, i) if n in sparse_names else masks_lib.dense_mask()
          for i, (n, leaf) in enumerate(zip(names, leaves))]
   return jax.tree.unflatten(treedef, out)
+
+
+REGROWTH = ("zero", "init")
+
+
+def check_regrowth(regrowth: Any) -> None:
+  """Raises ValueError unless ``regrowth`` is ``"zero"``, ``"init"`` or a callable."""
+  if not callable(regrowth) and regrowth not in REGROWTH:
+    raise ValueError(f"regrowth must be one of {REGROWTH} or a callable (key, shape, dtype) -> "
+                     f"array, such as the layer's jax.nn.initializers initializer; got {regrowth!r}")
+
+
+def init_scale(param: jax.Array, mask: jax.Array) -> jax.Array:
+  """Standard deviation of ``param`` over the weights ``mask`` keeps (``regrowth="init"``)."""
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  x = param.astype(jnp.float32)
+  mean = jnp.sum(jnp.where(mask, x, 0.0)) / n
+  return jnp.sqrt(jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0)) / n)
+
+
+def draw_regrowth(regrowth: Any, key: jax.Array, shape: tuple, dtype: Any, scale: jax.Array
+                  ) -> jax.Array:
+  """Starting values of regrown weights: ``"init"`` a zero-mean normal of standard deviation
+  ``scale`` (the layer's at init), or ``regrowth(key, shape, dtype)``."""
+  if regrowth == "init":
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  out = jnp.asarray(regrowth(key, shape, dtype))
+  if out.shape != tuple(shape):
+    raise ValueError(f"regrowth: the callable returned shape {out.shape}, expected {tuple(shape)} "
+                     "(it is called as regrowth(key, shape, dtype), like a jax.nn.initializers "
+                     "initializer)")
+  return out.astype(dtype)
 
 
 def _all_finite(*trees: Any) -> jax.Array:
@@ -145,10 +221,23 @@ def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.Op
   return optax.tree_map_params(inner, reset, inner_state, keep)
 
 
+CHECK_EVERY = 16
+"""Steps between two checks that the masked weights are zero on entry (from step 1)."""
+
+
+def _count_stray(params: Params, masks: Masks) -> jax.Array:
+  """Number of weights that are non-zero in ``params`` where ``masks`` removes them."""
+  total = jnp.zeros([], jnp.int32)
+  for p, m in zip(masks_lib.flatten_named(params)[1], masks_lib.flatten_named(masks)[1]):
+    if jnp.ndim(m):
+      total = total + topk.count_true(~m & (p != 0))
+  return total
+
+
 def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMasks,
                      update_masks: UpdateMasks | None,
                      is_update_step: Callable[[jax.Array], jax.Array],
-                     track: Track | None = None,
+                     track: Track | None = None, grow_values: bool = False,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains only the weights the masks keep.
 
@@ -161,6 +250,8 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     track: ``(aux, raw_grads, masks) -> aux``, called at every step before the mask
       update (e.g. SNFS's momentum of the dense gradient); ``None``: aux only
       changes at mask updates.
+    grow_values: whether ``update_masks`` returns ``MaskUpdate.values``, the
+      starting values of the weights it (re)grows (else they start at zero).
     seed: seed of the method's PRNG key.
   """
   if not isinstance(inner, optax.GradientTransformation):
@@ -174,50 +265,86 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     masks, aux = init_masks(params, jax.random.fold_in(key, 2**31 - 1))
     masks_lib.check_masks(params, masks)
     return SparseState(count=jnp.zeros([], jnp.int32), key=key, masks=masks,
-                       inner_state=inner.init(params), aux=aux)
+                       inner_state=inner.init(params), aux=aux, health=healthy())
 
   def update_fn(updates: optax.Updates, state: SparseState, params: Params | None = None,
                 **extra_args: Any) -> tuple[optax.Updates, SparseState]:
     if params is None:
       raise ValueError("params: jaxsparse methods need params in update(updates, state, params)")
+    masks_lib.check_same_leaves(updates, params, "updates")
     masks = state.masks
     grads = updates
+    health = healthy() if state.health is None else state.health
+    # After the first step every removed weight must be zero on entry, since this step's
+    # output zeroed it; if not, something after the method changed the updates. Such a
+    # leak persists (the next outputs are changed the same way), so checking at step 1 and
+    # every CHECK_EVERY steps finds it, at a fraction of the cost of a pass every step.
+    leaked = lax.cond(state.count % CHECK_EVERY == 1,
+                      lambda: _count_stray(params, masks) > 0, lambda: jnp.bool_(False))
+    health = health._replace(unmasked=health.unmasked + leaked.astype(jnp.int32))
     aux = state.aux if track is None else track(state.aux, grads, masks)
-    new_masks, survivors = masks, masks
+    new_masks, survivors, values = masks, masks, None
     if update_masks is not None:
+      sparse_zeros = lambda m, p: (jnp.zeros(jnp.shape(p), jnp.result_type(p)) if jnp.ndim(m)
+                                   else jnp.zeros([], jnp.result_type(p)))
+
       def do_update(masks, aux):
         cand = masks_lib.apply_masks(params, masks)
+        active_grads = masks_lib.apply_masks(grads, masks)
         # The inner update as it would be with the old masks (DeepR's sign test needs
         # it); XLA drops it for methods that do not look at it.
-        planned, _ = inner.update(masks_lib.apply_masks(grads, masks), state.inner_state, params,
-                                  **extra_args)
+        planned, _ = inner.update(active_grads, state.inner_state, params, **extra_args)
         inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
                                   params=cand, grads=grads, masks=masks, aux=aux,
                                   inner_state=state.inner_state, updates=planned)
         new = update_masks(inputs)
-        ok = _all_finite(cand, grads)  # else this update is skipped: masks and aux unchanged
+        # Only what the method trains has to be finite: a NaN gradient at a removed
+        # weight (e.g. the derivative of a norm at zero) must not block the update.
+        ok = _all_finite(cand, active_grads)  # else skipped (and retried): masks, aux unchanged
         keep_old = lambda n, o: jnp.where(ok, n, o)
         new_masks = jax.tree.map(keep_old, new.masks, masks)
         survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
                                  new.masks, masks)
-        return new_masks, survivors, jax.tree.map(keep_old, new.aux, aux)
+        out = (new_masks, survivors, jax.tree.map(keep_old, new.aux, aux), ok)
+        if grow_values:
+          if new.values is None:
+            raise ValueError("update_masks: built with grow_values=True but returned no values")
+          values = jax.tree.map(
+              lambda v, n, s, p: (jnp.where(n & ~s, v, 0).astype(jnp.result_type(p)) if jnp.ndim(n)
+                                  else jnp.zeros([], jnp.result_type(p))),
+              new.values, new_masks, survivors, params)
+          out = out + (values,)
+        return out
 
-      # Only the masks go through the cond: passing the optimizer state through it
-      # would copy that state on every step.
-      new_masks, survivors, aux = lax.cond(
-          is_update_step(state.count), do_update, lambda masks, aux: (masks, masks, aux),
-          masks, aux)
+      def no_update(masks, aux):
+        out = (masks, masks, aux, jnp.bool_(True))
+        if grow_values:
+          out = out + (jax.tree.map(sparse_zeros, masks, params),)
+        return out
+
+      # Only the masks (and the values of grown weights) go through the cond: passing
+      # the optimizer state through it would copy that state on every step.
+      due = is_update_step(state.count) | health.pending
+      new_masks, survivors, aux, ok, *rest = lax.cond(due, do_update, no_update, masks, aux)
+      values = rest[0] if grow_values else None
+      skipped = due & ~ok
+      health = health._replace(skipped=health.skipped + skipped.astype(jnp.int32), pending=skipped)
       inner_state = reset_inner_state(inner, state.inner_state, survivors)
     else:
       inner_state = state.inner_state
     u, inner_state = inner.update(masks_lib.apply_masks(grads, survivors), inner_state,
                                   masks_lib.apply_masks(params, survivors), **extra_args)
 
-    out = jax.tree.map(
-        lambda du, p, keep: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, -p),
-        u, params, survivors)
+    if values is None:
+      out = jax.tree.map(
+          lambda du, p, keep: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, -p),
+          u, params, survivors)
+    else:
+      out = jax.tree.map(
+          lambda du, p, keep, v: du if jnp.ndim(keep) == 0 else jnp.where(keep, du, v - p),
+          u, params, survivors, values)
     return out, SparseState(count=optax.safe_int32_increment(state.count), key=state.key,
-                            masks=new_masks, inner_state=inner_state, aux=aux)
+                            masks=new_masks, inner_state=inner_state, aux=aux, health=health)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -236,6 +363,37 @@ def get_sparse_state(opt_state: optax.OptState) -> SparseState:
   return found[0]
 
 
+def _concrete(x: Any) -> bool:
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def warn_health(state: SparseState) -> None:
+  """Warns (RuntimeWarning) about what ``state.health`` records, when it is concrete."""
+  h = state.health
+  if not isinstance(h, Health) or not all(_concrete(x) for x in h):
+    return
+  if int(h.unmasked):
+    warnings.warn(
+        f"jaxsparse: {int(h.unmasked)} check(s) found non-zero weights in the params where the "
+        "masks remove them. A transform after the jaxsparse method in optax.chain changes its updates: "
+        "put the method last and make the rest of the chain its inner optimizer, e.g. "
+        "js.set(optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-3)), 0.9). "
+        "js.summary and js.sparsity count those weights as kept.", RuntimeWarning, stacklevel=3)
+  if bool(h.pending):
+    warnings.warn(
+        f"jaxsparse: a scheduled mask update is pending: it was skipped (skips so far: "
+        f"{int(h.skipped)}) because the weights or gradients it reads were not finite, and it "
+        "runs at the next step whose are. Until then the masks are not what the schedule says "
+        "(a one-shot prune has not happened).", RuntimeWarning, stacklevel=3)
+
+
 def get_masks(opt_state: optax.OptState) -> Masks:
-  """The mask tree held by the jaxsparse method inside ``opt_state``."""
-  return get_sparse_state(opt_state).masks
+  """The mask tree held by the jaxsparse method inside ``opt_state``.
+
+  Outside jit, warns (RuntimeWarning) when the state records a problem: masked
+  weights that were non-zero in the params (a transform after the method in
+  a chain), or a mask update still pending after non-finite steps.
+  """
+  state = get_sparse_state(opt_state)
+  warn_health(state)
+  return state.masks

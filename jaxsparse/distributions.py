@@ -22,6 +22,7 @@ caps allow it, and each leaf is within one of its real-valued share.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -46,12 +47,27 @@ def _matches(pattern: str, name: str) -> bool:
   return any(n[i:i + len(p)] == p for i in range(len(n) - len(p) + 1))
 
 
+INJECT_HINT = ("jaxsparse methods take Python numbers for their hyperparameters (they fix mask "
+               "sizes and schedules when the method is built), so a method cannot be wrapped by "
+               "optax.inject_hyperparams; put inject_hyperparams inside it instead, as the inner "
+               "optimizer: js.set(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), 0.9)")
+
+
+def check_number(value: Any, argname: str) -> None:
+  """Raises TypeError unless ``value`` is a real Python or numpy number (not a str, a bool
+  or a jax array: a jax array here most often comes from ``optax.inject_hyperparams``)."""
+  if isinstance(value, jax.Array):
+    raise TypeError(f"{argname}: got a jax array ({value!r}); {INJECT_HINT}")
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                    np.floating)):
+    raise TypeError(f"{argname} must be a number, got {value!r} ({type(value).__name__})")
+
+
 def check_sparsity(sparsity: float, argname: str = "sparsity") -> float:
-  """Raises ValueError unless ``0 <= sparsity < 1``."""
-  try:
-    s = float(sparsity)
-  except (TypeError, ValueError):
-    raise ValueError(f"{argname} must be a float in [0, 1), got {sparsity!r}") from None
+  """Raises unless ``sparsity`` is a number with ``0 <= sparsity < 1`` (TypeError for a
+  non-number such as the string ``"0.9"``, ValueError out of range)."""
+  check_number(sparsity, argname)
+  s = float(sparsity)
   if not 0.0 <= s < 1.0 or math.isnan(s):
     raise ValueError(f"{argname} must be in [0, 1), got {sparsity!r}")
   return s
@@ -124,10 +140,25 @@ def densities(shapes: Mapping[str, tuple], sparsity: float,
   """Per-leaf densities (fraction kept) whose size-weighted mean is ``1 - sparsity``."""
   sparsity = check_sparsity(sparsity)
   if callable(distribution):
-    out = dict(distribution(shapes, sparsity))
-    if set(out) != set(shapes):
-      raise ValueError("distribution: the callable must return a density for every sparse leaf")
-    return out
+    out = distribution(shapes, sparsity)
+    if not isinstance(out, Mapping):
+      raise TypeError("distribution: the callable must return a dict {leaf name: density} "
+                      f"for the sparse leaves {list(shapes)}, got {type(out).__name__}: {out!r:.200}")
+    out = dict(out)
+    missing = [k for k in shapes if k not in out]
+    extra = [k for k in out if k not in shapes]
+    if missing or extra:
+      raise ValueError("distribution: the callable must return a density for every sparse leaf "
+                       f"and no other; missing {missing}, unknown {extra}")
+    for k, d in out.items():
+      try:
+        ok = 0.0 <= float(d) <= 1.0
+      except (TypeError, ValueError):
+        ok = False
+      if not ok:
+        raise ValueError(f"distribution: the callable returned density {d!r} for leaf '{k}'; "
+                         "densities must be numbers in [0, 1]")
+    return {k: float(d) for k, d in out.items()}
   if distribution == "uniform":
     return {k: 1.0 - sparsity for k in shapes}
   if distribution == "er":
@@ -183,4 +214,22 @@ def kept_counts(params: Any, sparsity: float, *, distribution: Distribution = "u
     dens = densities(rest, sparsity, distribution)
     rest_sizes = {k: sizes[k] for k in rest}
     counts.update(round_counts(rest_sizes, dens, int(round((1.0 - sparsity) * sum(rest_sizes.values())))))
+  check_counts(shapes, counts)
   return {k: counts[k] for k in shapes}
+
+
+def check_counts(shapes: Mapping[str, tuple], counts: Mapping[str, int]) -> None:
+  """Warns (UserWarning) when a sparse leaf keeps fewer weights than it has output units
+  (last axis), or none at all: some outputs (e.g. classes of the last layer) then have no
+  input weight left and cannot be learned, and with none the layer's output is constant."""
+  hint = ("lower the sparsity, use distribution='er' or 'erk', give the leaf its own sparsity "
+          "with overrides=, or keep it dense with keep_dense=")
+  for k, shape in shapes.items():
+    outputs = shape[-1] if shape else 1
+    if counts[k] == 0:
+      warnings.warn(f"sparsity: leaf '{k}' of shape {shape} keeps no weight at all: its output "
+                    f"is constant; {hint}", UserWarning, stacklevel=3)
+    elif counts[k] < outputs:
+      warnings.warn(f"sparsity: leaf '{k}' of shape {shape} keeps only {counts[k]} weight(s) for "
+                    f"its {outputs} output units, so at least {outputs - counts[k]} of them get no "
+                    f"input at all; {hint}", UserWarning, stacklevel=3)

@@ -25,8 +25,11 @@ as "SET pruning with RigL growth" is one call::
     tx = dst.dynamic_sparse(optax.sgd(0.1, 0.9), 0.9, drop=dst.drop_set(0.3),
                             grow=dst.grow_gradient(), is_update_step=periodic(100))
 
-Grown weights start at exactly zero with zeroed optimizer state (the core
-engine does that for every weight that is not a survivor). The total number
+Grown weights start with zeroed optimizer state (the core engine does that
+for every weight that is not a survivor) and, by default, at exactly zero
+(``regrowth="zero"``; ``"init"`` or a callable draw random values, see
+:func:`jaxsparse.set`). A leaf at density 1 (ERK caps a leaf too small for its
+share) has nothing to explore and takes no part in drop and grow. The total number
 of non-zeros is constant across updates; per-leaf counts are constant with
 :func:`same_layer` and move between leaves with :func:`by_nonzeros` and
 :func:`by_momentum`. A leaf never grows more weights than it has candidate
@@ -40,6 +43,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -102,9 +106,11 @@ class Redistribution(NamedTuple):
 
 
 class DSTState(NamedTuple):
-  """The ``aux`` state of :func:`dynamic_sparse`: the drop rule's and the momentum."""
+  """The ``aux`` state of :func:`dynamic_sparse`: the drop rule's, the momentum, and the
+  per-leaf standard deviation of the initial weights (``regrowth="init"``, else ``()``)."""
   drop: Any
   momenta: tuple[jax.Array, ...]
+  scale: tuple = ()
 
 
 # ---------------------------------------------------------------------------- drop rules
@@ -212,14 +218,21 @@ def _grow_by(score: Callable[[Layers, int], jax.Array], uses_momentum: bool = Fa
                   uses_momentum)
 
 
+def _finite_abs(x: jax.Array) -> jax.Array:
+  # A non-finite entry never wins (it may sit at a removed weight: only the active
+  # entries are checked before an update runs).
+  return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+
+
 def grow_gradient() -> GrowRule:
-  """Grows the candidates of largest ``|dense gradient|`` (RigL, Evci et al. 2020, sec. 3)."""
-  return _grow_by(lambda layers, i: jnp.abs(layers.grads[i]))
+  """Grows the candidates of largest ``|dense gradient|`` (RigL, Evci et al. 2020, sec. 3);
+  a non-finite gradient entry counts as zero."""
+  return _grow_by(lambda layers, i: _finite_abs(layers.grads[i]))
 
 
 def grow_momentum() -> GrowRule:
   """Grows the candidates of largest ``|momentum|`` (SNFS, Dettmers & Zettlemoyer 2019, alg. 1)."""
-  return _grow_by(lambda layers, i: jnp.abs(layers.momenta[i]), uses_momentum=True)
+  return _grow_by(lambda layers, i: _finite_abs(layers.momenta[i]), uses_momentum=True)
 
 
 # ---------------------------------------------------------------------------- redistribution
@@ -330,7 +343,8 @@ def _random_block_masks(params, counts, block_shape, key):
 def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop: DropRule,
                    grow: GrowRule, redistribute: Redistribution | None = None,
                    is_update_step: Callable[[jax.Array], jax.Array], regrown: str = "zero",
-                   momentum: float = 0.9, distribution: dist.Distribution = "erk",
+                   regrowth: Any = "zero", momentum: float = 0.9,
+                   distribution: dist.Distribution = "erk",
                    filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
                    overrides: Mapping[str, float] | None = None,
                    block_shape: tuple[int, int] | None = None, seed: int = 0
@@ -343,6 +357,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     drop, grow, redistribute: the rules (``redistribute`` defaults to :func:`same_layer`).
     is_update_step: ``step -> bool``, e.g. :func:`jaxsparse.schedules.periodic`.
     regrown: ``"zero"``, ``"keep"`` or ``"exclude"`` (see the module docstring).
+    regrowth: starting values of grown weights: ``"zero"`` (default), ``"init"``
+      or a callable ``(key, shape, dtype) -> array`` (see :func:`jaxsparse.set`).
     momentum: coefficient of the momentum ``m <- momentum * m + g`` of the raw
       dense gradient, kept in the state (every step) only when a rule uses it.
     distribution, filter, keep_dense, overrides: the initial random mask (see
@@ -367,33 +383,77 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     raise ValueError(f"regrown must be one of {REGROWN}, got {regrown!r}")
   if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+  core.check_regrowth(regrowth)
   tracks = drop.uses_momentum or grow.uses_momentum or redistribute.uses_momentum
+  grow_values = regrowth != "zero"
+
+  def counts_of(params):
+    return dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
+                            keep_dense=keep_dense, overrides=overrides)
+
+  def full_leaves(params) -> set[str]:
+    """Sparse leaves at density 1 (static: from the shapes): excluded from drop and grow."""
+    shapes = {n: jnp.shape(p) for n, p in zip(masks_lib.leaf_names(params), jax.tree.leaves(params))}
+    out = set()
+    for name, c in counts_of(params).items():
+      size = int(np.prod(shapes[name]))
+      if block_shape is not None:
+        blocks = size // (block_shape[0] * block_shape[1])
+        full = min(blocks, max(1, round(c / (block_shape[0] * block_shape[1])))) == blocks
+      else:
+        full = c == size
+      if full:
+        out.add(name)
+    return out
 
   def init_masks(params, key):
-    counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
-                              keep_dense=keep_dense, overrides=overrides)
+    counts = counts_of(params)
     if block_shape is None:
       masks = random_masks(params, counts, key)
     else:
       masks = _random_block_masks(params, counts, block_shape, key)
-    momenta = tuple(jnp.zeros(jnp.shape(p), jnp.result_type(p))
-                    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks))
-                    if masks_lib.is_sparse(m)) if tracks else ()
-    return masks, DSTState(drop.init(), momenta)
+    sparse = [(p, m) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks))
+              if masks_lib.is_sparse(m)]
+    momenta = tuple(jnp.zeros(jnp.shape(p), jnp.result_type(p)) for p, _ in sparse) if tracks else ()
+    scale = tuple(core.init_scale(p, m) for p, m in sparse) if regrowth == "init" else ()
+    return masks, DSTState(drop.init(), momenta, scale)
 
   def track(aux: DSTState, grads, masks):
-    g = [x for x, m in zip(jax.tree.leaves(grads), jax.tree.leaves(masks)) if masks_lib.is_sparse(m)]
-    ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in g]))
-    momenta = tuple(jnp.where(ok, momentum * v + x, v) for v, x in zip(aux.momenta, g))
+    pairs = [(x, m) for x, m in zip(jax.tree.leaves(grads), jax.tree.leaves(masks))
+             if masks_lib.is_sparse(m)]
+    # As for the mask update, only the active entries must be finite; a non-finite entry
+    # at a removed weight does not enter the momentum.
+    ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(jnp.where(m, x, 0))) for x, m in pairs]))
+    momenta = tuple(jnp.where(ok, momentum * v + jnp.where(jnp.isfinite(x), x, 0), v)
+                    for v, (x, _) in zip(aux.momenta, pairs))
     return aux._replace(momenta=momenta)
 
   def update_masks(x: core.MaskUpdateInputs) -> core.MaskUpdate:
     flat_m, treedef = jax.tree.flatten(x.masks)
-    idx = [i for i, m in enumerate(flat_m) if masks_lib.is_sparse(m)]
     names = masks_lib.leaf_names(x.params)
+    full = full_leaves(x.params)
+    sparse_idx = [i for i, m in enumerate(flat_m) if masks_lib.is_sparse(m)]
+    # j-th entry of aux.momenta / aux.scale <-> sparse_idx[j]; the rules see the non-full ones
+    pos = [j for j, i in enumerate(sparse_idx) if names[i] not in full]
+    idx = [sparse_idx[j] for j in pos]
     flat_p, flat_g = jax.tree.leaves(x.params), jax.tree.leaves(x.grads)
+
+    def values_for(new):
+      if not grow_values:
+        return None
+      vals = [jnp.zeros([], p.dtype) if not masks_lib.is_sparse(m) else jnp.zeros_like(p)
+              for p, m in zip(flat_p, flat_m)]
+      for j, i in zip(pos, idx):
+        key = jax.random.fold_in(x.key, (1 << 20) + i)
+        vals[i] = core.draw_regrowth(regrowth, key, flat_p[i].shape, flat_p[i].dtype,
+                                     x.aux.scale[j] if regrowth == "init" else None)
+      return jax.tree.unflatten(treedef, vals)
+
+    if not idx:
+      return core.MaskUpdate(x.masks, x.masks, x.aux, values_for(x.masks))
     layers = Layers(names=tuple(names[i] for i in idx), weights=tuple(flat_p[i] for i in idx),
-                    grads=tuple(flat_g[i] for i in idx), momenta=x.aux.momenta,
+                    grads=tuple(flat_g[i] for i in idx),
+                    momenta=tuple(x.aux.momenta[j] for j in pos) if x.aux.momenta else (),
                     masks=tuple(flat_m[i] for i in idx), step=x.step, key=x.key)
     if block_shape is not None:
       pool = lambda a: block_pool(jnp.abs(a), block_shape)
@@ -414,11 +474,11 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
       new[i] = expand(kept[j] | grown)
       survivors[i] = expand(kept[j] | (grown & layers.masks[j]) if regrown == "keep" else kept[j])
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
-                           DSTState(drop_state, x.aux.momenta))
+                           DSTState(drop_state, x.aux.momenta, x.aux.scale), values_for(new))
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, track=track if tracks else None,
-                               seed=seed)
+                               grow_values=grow_values, seed=seed)
 
 
 # ---------------------------------------------------------------------------- the methods
@@ -441,12 +501,12 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, update_stop: i
   densities.
   """
   schedules.check_fraction(drop_fraction, "drop_fraction")
-  start = update_period if update_start is None else update_start
+  is_update_step = schedules.periodic(update_period, update_start, update_stop)
   return dynamic_sparse(
       inner, sparsity,
       drop=drop_magnitude(schedules.cosine_drop_fraction(drop_fraction, update_stop)),
       grow=grow_gradient(), redistribute=same_layer(),
-      is_update_step=schedules.periodic(update_period, start, update_stop), regrown="keep",
+      is_update_step=is_update_step, regrown="keep",
       distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
       block_shape=block_shape, seed=seed)
 
@@ -480,10 +540,10 @@ def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: i
     raise ValueError(f"need 0 <= min_prune_rate <= prune_rate and prune_rate > 0, got "
                      f"prune_rate={prune_rate!r}, min_prune_rate={min_prune_rate!r}")
   rate = optax.cosine_decay_schedule(prune_rate, total_steps, alpha=min_prune_rate / prune_rate)
-  start = update_period if update_start is None else update_start
   return dynamic_sparse(
       inner, sparsity, drop=drop_magnitude(rate, rounding="ceil"), grow=grow_momentum(),
-      redistribute=by_momentum(), is_update_step=schedules.periodic(update_period, start, update_stop),
+      redistribute=by_momentum(),
+      is_update_step=schedules.periodic(update_period, update_start, update_stop),
       regrown="keep", momentum=momentum, distribution=distribution, filter=filter,
       keep_dense=keep_dense, overrides=overrides, block_shape=block_shape, seed=seed)
 
@@ -514,13 +574,12 @@ def dsr(inner: optax.GradientTransformation, sparsity: float, *, target_pruned: 
   100). Uniform initial densities. ``H`` lives in the state and is updated on
   device.
   """
-  start = update_period if update_start is None else update_start
   return dynamic_sparse(
       inner, sparsity,
       drop=drop_threshold(target_pruned, initial_threshold=initial_threshold, tolerance=tolerance),
       grow=grow_random(), redistribute=by_nonzeros(),
-      is_update_step=schedules.doubling_periodic(update_period, tuple(doubling_steps), start,
-                                                 update_stop),
+      is_update_step=schedules.doubling_periodic(update_period, tuple(doubling_steps),
+                                                 update_start, update_stop),
       regrown="exclude", distribution=distribution, filter=filter, keep_dense=keep_dense,
       overrides=overrides, block_shape=block_shape, seed=seed)
 
@@ -528,7 +587,8 @@ def dsr(inner: optax.GradientTransformation, sparsity: float, *, target_pruned: 
 def block_set(inner: optax.GradientTransformation, sparsity: float, *,
               block_shape: tuple[int, int], zeta: schedules.ScalarOrSchedule = 0.3,
               update_period: int = 100, update_start: int | None = None,
-              update_stop: int | None = None, distribution: dist.Distribution = "er",
+              update_stop: int | None = None, regrowth: Any = "zero",
+              distribution: dist.Distribution = "er",
               filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
               overrides: Mapping[str, float] | None = None, seed: int = 0
               ) -> optax.GradientTransformationExtraArgs:
@@ -536,12 +596,13 @@ def block_set(inner: optax.GradientTransformation, sparsity: float, *,
 
   A block has no sign, so SET's "smallest positive and largest negative"
   becomes: drop ``floor(zeta * nnz_blocks)`` blocks of smallest mean ``|w|``
-  per leaf, regrow as many blocks at random among the absent ones (at zero).
-  For element-wise SET use :func:`jaxsparse.set`.
+  per leaf, regrow as many blocks at random among the absent ones (at zero; or as
+  ``regrowth`` says, see :func:`jaxsparse.set`). For element-wise SET use
+  :func:`jaxsparse.set`.
   """
-  start = update_period if update_start is None else update_start
   return dynamic_sparse(
       inner, sparsity, drop=drop_magnitude(zeta), grow=grow_random(), redistribute=same_layer(),
-      is_update_step=schedules.periodic(update_period, start, update_stop), regrown="zero",
+      is_update_step=schedules.periodic(update_period, update_start, update_stop), regrown="zero",
+      regrowth=regrowth,
       distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
       block_shape=block_shape, seed=seed)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse import masks as masks_lib
 
@@ -90,8 +91,10 @@ def count_flops(model: nn.Module, params: Any, input_shape: Sequence[int], masks
   kept_of: dict[str, int] = {}
   if masks is not None:
     masks_lib.check_masks(params, masks)
-    for c in masks_lib.count_leaves(params, masks):
-      kept_of[c.name] = c.kept
+    # From the masks alone: the FLOPs of the masked model, whatever the params hold.
+    names, p_leaves, _ = masks_lib.flatten_named(params)
+    for name, p, m in zip(names, p_leaves, masks_lib.flatten_named(masks)[1]):
+      kept_of[name] = int(np.count_nonzero(np.broadcast_to(np.asarray(m, bool), np.shape(p))))
   variables = {"params": params}
   if batch_stats is not None and jax.tree.leaves(batch_stats):
     variables["batch_stats"] = batch_stats

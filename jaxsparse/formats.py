@@ -17,13 +17,19 @@ These are host-side summaries (not for use under ``jit``).
 
 Exports turn every sparse 2D leaf into ``jax.experimental.sparse`` ``BCOO`` or
 ``BCSR``, or into plain numpy CSR arrays (:class:`CSRArrays`); other leaves are
-returned dense (with the mask applied).
+returned dense (with the mask applied). Inside :func:`sparse_inference`, a flax
+linen model's ``apply`` takes the exported ``BCOO`` / ``BCSR`` tree as its params::
+
+    exported = export_sparse(params, masks)            # Dense kernels become BCOO
+    with sparse_inference():
+      logits = jax.jit(net.apply)({"params": exported}, x)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +222,12 @@ def export_sparse(params: Params, masks: Masks, format: str = "bcoo") -> Params:
   Other leaves come back as ``where(mask, p, 0)``.
 
   Raises:
-    ValueError: naming ``format`` when unknown.
+    ValueError: naming ``format`` when unknown, or the leaf when ``masks`` does
+      not fit ``params``.
+
+  ``params`` may be a flax nnx state (``nnx.state(model, nnx.Param)``); the
+  result then holds the exported leaves inside the same ``Param`` wrappers.
+  For inference with a linen model see :func:`sparse_inference`.
   """
   from jax.experimental import sparse as jsparse
   if format not in ("bcoo", "bcsr", "csr", "bsr"):
@@ -239,4 +250,38 @@ def export_sparse(params: Params, masks: Masks, format: str = "bcoo") -> Params:
     nnz = max(int(jnp.sum(block_mask(m, p.shape, bs))), 1)
     return bsr_from_dense(p, m, bs, nnz)
 
-  return jax.tree.map(one, params, masks)
+  _, p_leaves, treedef = masks_lib.flatten_named(params)
+  return jax.tree.unflatten(treedef, [one(p, m) for p, m in
+                                      zip(p_leaves, masks_lib.flatten_named(masks)[1])])
+
+
+@contextlib.contextmanager
+def sparse_inference() -> Iterator[None]:
+  """Within it, flax linen ``nn.Dense`` layers whose kernel is a ``BCOO`` or ``BCSR``
+  (from :func:`export_sparse`) multiply with ``jax.experimental.sparse`` instead of
+  failing in ``nn.Dense`` (which calls ``jnp.asarray`` on its kernel). Other layers
+  and dense kernels run as usual. Works under ``jax.jit``; the output equals the
+  masked dense model's up to float rounding.
+  """
+  import flax.linen as nn
+  from jax.experimental import sparse as jsparse
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Dense) and context.method_name == "__call__":
+      p = module.variables.get("params", {})
+      kernel = p.get("kernel")
+      if isinstance(kernel, (jsparse.BCOO, jsparse.BCSR)):
+        (x,) = args
+        dtype = module.dtype or jnp.result_type(x, kernel.dtype)
+        if isinstance(kernel, jsparse.BCSR):  # BCSR only multiplies as the left operand
+          kernel = kernel.to_bcoo()
+        x2 = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
+        y = (x2 @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+        if module.use_bias and "bias" in p:
+          y = y + jnp.asarray(p["bias"], dtype)
+        return y
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield

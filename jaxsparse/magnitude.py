@@ -145,6 +145,11 @@ def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, 
   non-uniform ``distribution`` each leaf prunes the same fraction ``s_t / s_f``
   of its own final pruning.
   """
+  s_f = dist.check_sparsity(final_sparsity, "final_sparsity")
+  if dist.check_sparsity(initial_sparsity, "initial_sparsity") > s_f:
+    raise ValueError(f"initial_sparsity={initial_sparsity!r} is above final_sparsity="
+                     f"{final_sparsity!r}: pruning only removes weights, so the model would stay "
+                     "at initial_sparsity; pass initial_sparsity <= final_sparsity")
   sched = schedules.polynomial_sparsity(final_sparsity, initial_sparsity=initial_sparsity,
                                         begin_step=begin_step, num_updates=num_updates,
                                         update_period=update_period)

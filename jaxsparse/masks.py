@@ -14,6 +14,7 @@ every function here jit-able without recompilation when a mask changes.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -59,16 +60,51 @@ def leaf_names(tree: Any) -> list[str]:
   return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def flatten_named(tree: Any) -> tuple[list[str], list[Any], Any]:
+  """``(names, leaves, treedef)`` of ``tree``; an nnx ``Variable``'s value is its leaf.
+
+  Mask and params trees are paired by these names, so the same leaves match
+  whatever wraps them (flax nnx ``Param`` in the model's state, ``OptVariable``
+  in an ``nnx.Optimizer``'s state, a plain dict, ...).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [path_name(p) for p, _ in flat], [x for _, x in flat], treedef
+
+
+def check_same_leaves(tree: Any, params: Params, what: str, *, shapes: bool = True) -> None:
+  """Raises ValueError, naming the first leaf that differs, unless ``tree`` has the
+  leaves of ``params`` (same names and, with ``shapes``, same shapes)."""
+  names, leaves, _ = flatten_named(tree)
+  p_names, p_leaves, _ = flatten_named(params)
+  if names != p_names:
+    missing = [n for n in p_names if n not in set(names)]
+    extra = [n for n in names if n not in set(p_names)]
+    if missing:
+      raise ValueError(f"{what}: leaf '{missing[0]}' of params is missing from {what}"
+                       + (f" ({len(missing)} missing in all)" if len(missing) > 1 else "")
+                       + (f"; {what} has leaf '{extra[0]}', which params lacks" if extra else ""))
+    if extra:
+      raise ValueError(f"{what}: leaf '{extra[0]}' is not in params"
+                       + (f" ({len(extra)} extra in all)" if len(extra) > 1 else ""))
+    raise ValueError(f"{what}: the leaves are in another order than the params' leaves\n"
+                     f"  params: {p_names}\n  {what}: {names}")
+  if shapes:
+    for name, x, p in zip(names, leaves, p_leaves):
+      if jnp.shape(x) != jnp.shape(p):
+        raise ValueError(f"{what}: leaf '{name}' has shape {jnp.shape(x)} but the param has shape "
+                         f"{jnp.shape(p)}")
+
+
 def check_masks(params: Params, masks: Masks) -> None:
-  """Raises ValueError (naming the leaf) if ``masks`` does not fit ``params``."""
-  p_def = jax.tree.structure(params)
-  m_def = jax.tree.structure(masks)
-  if p_def != m_def:
-    raise ValueError(
-        "masks: the mask tree's structure does not match the params tree.\n"
-        f"  params: {p_def}\n  masks:  {m_def}")
-  names = leaf_names(params)
-  for name, p, m in zip(names, jax.tree.leaves(params), jax.tree.leaves(masks)):
+  """Raises ValueError (naming the leaf) if ``masks`` does not fit ``params``.
+
+  The trees must have the same leaves (by name: nnx ``Variable`` wrappers and
+  container types may differ); a sparse leaf's mask has the param's shape and
+  dtype bool, a dense leaf's mask is a scalar.
+  """
+  check_same_leaves(masks, params, "masks", shapes=False)
+  names, p_leaves, _ = flatten_named(params)
+  for name, p, m in zip(names, p_leaves, flatten_named(masks)[1]):
     if jnp.ndim(m) == 0:
       continue
     if jnp.shape(m) != jnp.shape(p):
@@ -81,36 +117,73 @@ def check_masks(params: Params, masks: Masks) -> None:
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:
-  """Zeroes the pruned weights: ``where(mask, p, 0)`` leaf by leaf."""
-  return jax.tree.map(lambda p, m: p if jnp.ndim(m) == 0 else jnp.where(m, p, jnp.zeros_like(p)),
-                      params, masks)
+  """Zeroes the pruned weights: ``where(mask, p, 0)`` leaf by leaf.
+
+  Returns a tree shaped like ``params`` (for flax nnx: an ``nnx.State`` of the
+  model's variables, ready for ``nnx.update(model, ...)``). Raises ValueError
+  naming the leaf when ``masks`` does not fit ``params``.
+  """
+  check_masks(params, masks)
+  _, p_leaves, treedef = flatten_named(params)
+  out = [p if jnp.ndim(m) == 0 else jnp.where(m, p, jnp.zeros_like(p))
+         for p, m in zip(p_leaves, flatten_named(masks)[1])]
+  return jax.tree.unflatten(treedef, out)
 
 
 class LeafCount(NamedTuple):
-  """Kept and total weights of one leaf."""
+  """Kept and total weights of one leaf.
+
+  ``kept`` counts every weight that is not removed: kept by the mask, or
+  non-zero in the params although the mask removes it. ``stray`` is the
+  second kind (0 when the method's updates reached the params unchanged).
+  """
   name: str
   shape: tuple
   kept: int
   total: int
   sparse: bool
+  stray: int = 0
 
   @property
   def sparsity(self) -> float:
     return 1.0 - self.kept / self.total if self.total else 0.0
 
 
+def _has_values(x: Any) -> bool:
+  return not isinstance(x, (jax.ShapeDtypeStruct, jax.core.Tracer))
+
+
 def count_leaves(params: Params, masks: Masks) -> list[LeafCount]:
-  """Per-leaf kept/total counts (a host-side summary; not for use under jit)."""
+  """Per-leaf kept/total counts (a host-side summary; not for use under jit).
+
+  A weight counts as removed only when the mask removes it *and* it is zero in
+  ``params``, so the counts report what the params really hold (``params``
+  may also be ``jax.ShapeDtypeStruct`` leaves: then only the masks count).
+  Raises ValueError naming the leaf when ``masks`` does not fit ``params``.
+  """
+  check_masks(params, masks)
   out = []
-  names = leaf_names(params)
-  for name, p, m in zip(names, jax.tree.leaves(params), jax.tree.leaves(masks)):
-    size = int(np.prod(jnp.shape(p)))
-    if jnp.ndim(m) == 0:
-      kept = size if bool(m) else 0
-      out.append(LeafCount(name, tuple(jnp.shape(p)), kept, size, False))
-    else:
-      out.append(LeafCount(name, tuple(jnp.shape(p)), int(jnp.sum(m)), size, True))
+  names, p_leaves, _ = flatten_named(params)
+  for name, p, m in zip(names, p_leaves, flatten_named(masks)[1]):
+    shape = tuple(jnp.shape(p))
+    size = int(np.prod(shape))
+    removed = ~np.broadcast_to(np.asarray(m, bool), shape)
+    stray = int(np.count_nonzero(removed & (np.asarray(p) != 0))) if _has_values(p) else 0
+    kept = size - int(np.count_nonzero(removed)) + stray
+    out.append(LeafCount(name, shape, kept, size, jnp.ndim(m) > 0, stray))
   return out
+
+
+def _stray_message(counts: list[LeafCount]) -> str | None:
+  bad = [c for c in counts if c.stray]
+  if not bad:
+    return None
+  where = ", ".join(f"'{c.name}': {c.stray:,}" for c in bad[:3]) + (", ..." if len(bad) > 3 else "")
+  return (f"{sum(c.stray for c in bad):,} weights that the masks remove are non-zero in params "
+          f"({where}); they count as kept. Either the masks were never applied (call "
+          "jaxsparse.apply_masks once after init), or a transform after the jaxsparse method in "
+          "optax.chain changed its updates: put the method last, with the rest of the chain as "
+          "its inner optimizer.")
 
 
 def kept_counts(masks: Masks, params: Params | None = None) -> Any:
@@ -121,14 +194,21 @@ def kept_counts(masks: Masks, params: Params | None = None) -> Any:
   """
   if params is None:
     return jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(0), masks)
-  return jax.tree.map(
-      lambda p, m: jnp.sum(m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(jnp.size(p)),
-      params, masks)
+  check_masks(params, masks)
+  _, m_leaves, treedef = flatten_named(masks)
+  return jax.tree.unflatten(treedef, [
+      jnp.sum(m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(jnp.size(p))
+      for p, m in zip(flatten_named(params)[1], m_leaves)])
 
 
 def sparsity(params: Params, masks: Masks, *, sparse_only: bool = True) -> float:
-  """Fraction of zeroed weights, over the sparse leaves (default) or all leaves."""
-  counts = [c for c in count_leaves(params, masks) if c.sparse or not sparse_only]
+  """Fraction of removed weights (masked *and* zero in ``params``), over the sparse
+  leaves (default) or all leaves. Warns when masked weights are non-zero in ``params``."""
+  counts = count_leaves(params, masks)
+  msg = _stray_message(counts)
+  if msg:
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+  counts = [c for c in counts if c.sparse or not sparse_only]
   total = sum(c.total for c in counts)
   return 1.0 - sum(c.kept for c in counts) / total if total else 0.0
 
@@ -139,18 +219,27 @@ def nonzero_sparsity(params: Params) -> dict[str, float]:
 
 
 def summary(params: Params, masks: Masks) -> str:
-  """A printable per-leaf table of shape, kept/total and sparsity, with totals."""
+  """A printable per-leaf table of shape, kept/total and sparsity, with totals.
+
+  Counts what ``params`` really hold (see :func:`count_leaves`); when masked
+  weights are non-zero the table ends with a warning line (and warns).
+  """
   counts = count_leaves(params, masks)
   width = max([len(c.name) for c in counts] + [len("total (sparse leaves)")])
   lines = [f"{'leaf':<{width}}  {'shape':<16} {'kept':>12} {'total':>12} {'sparsity':>9}"]
   for c in counts:
     kind = "" if c.sparse else "  (dense)"
+    stray = f"  ({c.stray:,} masked but non-zero)" if c.stray else ""
     lines.append(f"{c.name:<{width}}  {str(c.shape):<16} {c.kept:>12,} {c.total:>12,} "
-                 f"{c.sparsity:>9.2%}{kind}")
+                 f"{c.sparsity:>9.2%}{kind}{stray}")
   sp = [c for c in counts if c.sparse]
   for label, group in (("sparse leaves", sp), ("all leaves", counts)):
     kept = sum(c.kept for c in group)
     total = sum(c.total for c in group)
     s = 1 - kept / total if total else 0.0
     lines.append(f"{'total (' + label + ')':<{width}}  {'':<16} {kept:>12,} {total:>12,} {s:>9.2%}")
+  msg = _stray_message(counts)
+  if msg:
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    lines.append(f"WARNING: {msg}")
   return "\n".join(lines)

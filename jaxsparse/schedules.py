@@ -10,9 +10,10 @@ from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxsparse.distributions import check_sparsity
+from jaxsparse.distributions import INJECT_HINT, check_sparsity
 
 Schedule = Callable[[jax.Array], jax.Array]
 ScalarOrSchedule = Union[float, Schedule]
@@ -53,28 +54,47 @@ def cosine_drop_fraction(alpha: float = 0.3, end_step: int = 1) -> Schedule:
 
 
 def check_fraction(value: float, argname: str) -> None:
-  """Raises ValueError unless ``value`` is a float in [0, 1]."""
+  """Raises ValueError unless ``value`` is a float in [0, 1] (or a schedule); TypeError for a
+  jax array, which comes from wrapping a method in ``optax.inject_hyperparams``."""
   if callable(value):
     return
+  if isinstance(value, jax.Array):
+    raise TypeError(f"{argname}: got a jax array ({value!r}); {INJECT_HINT}")
   if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
     raise ValueError(f"{argname} must be in [0, 1], got {value!r}")
 
 
-def check_period(update_period: int, update_start: int = 0, update_stop: int | None = None) -> None:
-  """Raises ValueError naming the bad argument of a mask-update period."""
-  if not isinstance(update_period, int) or isinstance(update_period, bool) or update_period <= 0:
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_period(update_period: int, update_start: int | None = 0, update_stop: int | None = None
+                 ) -> int:
+  """Raises ValueError naming the bad argument of a mask-update period; returns the first
+  update step (``update_start``, or ``update_period`` when ``update_start`` is None)."""
+  for name, v in (("update_period", update_period), ("update_start", update_start),
+                  ("update_stop", update_stop)):
+    if isinstance(v, jax.Array):
+      raise TypeError(f"{name}: got a jax array ({v!r}); {INJECT_HINT}")
+  if not _is_int(update_period) or update_period <= 0:
     raise ValueError(f"update_period must be an int > 0, got {update_period!r}")
-  if not isinstance(update_start, int) or update_start < 0:
-    raise ValueError(f"update_start must be an int >= 0, got {update_start!r}")
-  if update_stop is not None and (not isinstance(update_stop, int) or update_stop <= update_start):
-    raise ValueError(f"update_stop must be None or an int > update_start={update_start}, "
-                     f"got {update_stop!r}")
+  if update_start is None:
+    start, first = update_period, f"the first update step, update_period={update_period} (update_start defaults to update_period)"
+  else:
+    if not _is_int(update_start) or update_start < 0:
+      raise ValueError(f"update_start must be an int >= 0, got {update_start!r}")
+    start, first = update_start, f"update_start={update_start}"
+  if update_stop is not None and (not _is_int(update_stop) or update_stop <= start):
+    raise ValueError(f"update_stop must be None or an int > {first}, got {update_stop!r}: "
+                     "no mask update would run")
+  return int(start)
 
 
-def periodic(update_period: int, update_start: int = 0, update_stop: int | None = None
+def periodic(update_period: int, update_start: int | None = 0, update_stop: int | None = None
              ) -> Callable[[jax.Array], jax.Array]:
-  """``step -> bool``: True at ``start, start + period, ...`` while ``step < stop``."""
-  check_period(update_period, update_start, update_stop)
+  """``step -> bool``: True at ``start, start + period, ...`` while ``step < stop``
+  (``update_start=None``: the first update is one period in)."""
+  update_start = check_period(update_period, update_start, update_stop)
 
   def is_update_step(step: jax.Array) -> jax.Array:
     on = (step >= update_start) & ((step - update_start) % update_period == 0)
@@ -95,7 +115,7 @@ def at_steps(*steps: int) -> Callable[[jax.Array], jax.Array]:
 
 
 def doubling_periodic(update_period: int, doubling_steps: tuple[int, ...] = (),
-                      update_start: int = 0, update_stop: int | None = None
+                      update_start: int | None = 0, update_stop: int | None = None
                       ) -> Callable[[jax.Array], jax.Array]:
   """``step -> bool``: every ``update_period`` steps from ``update_start``, the period
   doubling at each of ``doubling_steps``, while ``step < update_stop``.
@@ -104,7 +124,7 @@ def doubling_periodic(update_period: int, doubling_steps: tuple[int, ...] = (),
   and 75 of 100, stopping at epoch 90. After the ``i``-th doubling step ``b_i``
   the updates fall on ``b_i, b_i + 2^i * period, ...``.
   """
-  check_period(update_period, update_start, update_stop)
+  update_start = check_period(update_period, update_start, update_stop)
   steps = tuple(doubling_steps)
   if any(not isinstance(b, int) or b <= update_start for b in steps) or list(steps) != sorted(set(steps)):
     raise ValueError(f"doubling_steps must be increasing ints > update_start={update_start}, "

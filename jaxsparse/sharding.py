@@ -221,7 +221,8 @@ def state_shardings(param_shardings: Any, opt_state: Any) -> Any:
       m_flat = p_def.flatten_up_to(x.masks)
       sp = [(s, np.shape(m)) for s, m in zip(p_flat, m_flat) if np.ndim(m) > 0]
       return core.SparseState(count=rep, key=rep, masks=like_params(x.masks),
-                              inner_state=walk(x.inner_state, ()), aux=walk(x.aux, tuple(sp)))
+                              inner_state=walk(x.inner_state, ()), aux=walk(x.aux, tuple(sp)),
+                              health=walk(x.health, ()))
     if jax.tree.structure(x) == p_def and p_def.num_leaves > 1:
       return like_params(x)
     if (sparse and isinstance(x, (tuple, list)) and not hasattr(x, "_fields")

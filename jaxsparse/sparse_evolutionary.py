@@ -9,16 +9,23 @@ Algorithm 1 of the paper, per sparse layer, every ``update_period`` steps
    (active weights that are exactly zero lie between the two thresholds and
    are removed too, as in the authors' code);
 2. add as many connections uniformly at random among the connections that are
-   absent after step 1; they start at exactly zero, with zeroed optimizer state.
+   absent after step 1, with zeroed optimizer state. Their starting values are
+   ``regrowth``: by default (``"init"``) random, like the layer's initial
+   weights, as in the authors' code (``set_mlp.py`` draws new weights from the
+   same ``randn / 10`` as the initial ones, with zero momentum); ``"zero"``
+   starts them at exactly zero (as RigL grows).
 
 The number of kept weights of each layer is therefore constant. The initial
 mask is random with the Erdos-Renyi layer densities of the paper (eq. 1),
-``distribution="er"``, with epsilon solved to reach ``sparsity``.
+``distribution="er"``, with epsilon solved to reach ``sparsity``. A layer
+whose density is 1 (ER caps a layer too small for its share) has nothing to
+explore and is never rewired. The first update is one period in (after the
+first epoch with ``update_period = steps_per_epoch``), as in the paper.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,30 @@ def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
   return drop | (values == 0)
 
 
+class SETState(NamedTuple):
+  """SET's ``aux`` state.
+
+  Attributes:
+    active: per sparse leaf, the flat indices of its active weights (static
+      length nnz; a full leaf's are all its indices).
+    scale: per sparse leaf, the standard deviation of its initial weights
+      (``regrowth="init"``); ``()`` otherwise.
+  """
+  active: tuple
+  scale: tuple = ()
+
+
+def _rewire(key, w, mask, active, zeta):
+  drop = set_drop(w.reshape(-1)[active], zeta)
+  kept = mask.reshape(-1).at[active].set(~drop)
+  n_grow = topk.count_true(drop)
+  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
+  new = kept.at[grown].set(True, mode="drop")
+  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
+  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
+  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active, drop
+
+
 def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One SET update of one layer.
@@ -63,20 +94,15 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
     connections absent after the drop (so a just-dropped connection may come
     back, at zero, as in the authors' code).
   """
-  drop = set_drop(w.reshape(-1)[active], zeta)
-  kept = mask.reshape(-1).at[active].set(~drop)
-  n_grow = topk.count_true(drop)
-  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
-  new = kept.at[grown].set(True, mode="drop")
-  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
-  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
-  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active
+  new, kept, new_active, _ = _rewire(key, w, mask, active, zeta)
+  return new, kept, new_active
 
 
 def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
-        update_period: int = 100, update_start: int = 0, update_stop: int | None = None,
-        distribution: dist.Distribution = "er", filter: dist.LeafFilter | None = None,
-        keep_dense: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
+        update_period: int = 100, update_start: int | None = None, update_stop: int | None = None,
+        regrowth: Any = "init", distribution: dist.Distribution = "er",
+        filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
+        overrides: Mapping[str, float] | None = None,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET as an optax wrapper around ``inner``.
 
@@ -87,22 +113,32 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
       an ``optax`` schedule of the step (e.g. :func:`schedules.cosine_drop_fraction`).
     update_period: steps between mask updates; use ``steps_per_epoch`` for the
       paper's once-per-epoch rewiring.
-    update_start, update_stop: first update step, and the step from which
-      updates stop (``None``: never).
+    update_start, update_stop: first update step (``None``: ``update_period``,
+      one period in, as the paper rewires after each epoch of training), and the
+      step from which updates stop (``None``: never).
+    regrowth: starting values of the regrown weights: ``"init"`` (default, the
+      authors' code) a zero-mean normal with the standard deviation of the
+      layer's weights at ``init``; ``"zero"``; or a callable ``(key, shape,
+      dtype) -> array`` such as the layer's ``jax.nn.initializers`` initializer
+      (called on the leaf's shape; the regrown positions take its values).
+      Their optimizer state starts at zero in every case.
     distribution: layer densities, ``"er"`` (paper), ``"erk"`` or ``"uniform"``.
     filter, keep_dense, overrides: which leaves are sparse (see
       :func:`jaxsparse.distributions.kept_counts`).
     seed: seed of the initial mask and of the random regrowth.
 
-  The state's ``aux`` holds, per sparse leaf, the flat indices of its active
-  weights (static length nnz), which an update reads and rewrites instead of
-  scanning the whole leaf; masks and indices change together, so edit neither
-  by hand (start from given masks with :func:`jaxsparse.keep_masks` instead).
+  The state's ``aux`` is a :class:`SETState`: per sparse leaf the flat indices
+  of its active weights (static length nnz), which an update reads and rewrites
+  instead of scanning the whole leaf; masks and indices change together, so
+  edit neither by hand (start from given masks with :func:`jaxsparse.keep_masks`
+  instead).
   """
   dist.check_sparsity(sparsity)
   schedules.check_fraction(zeta, "zeta")
+  core.check_regrowth(regrowth)
   is_update_step = schedules.periodic(update_period, update_start, update_stop)
   zeta_at = schedules.as_schedule(zeta)
+  grow_values = regrowth != "zero"
 
   def init_masks(params, key):
     counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
@@ -113,27 +149,49 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
     # counts[name] (random_masks keeps exactly that many), not a concrete sum
     # of the mask, so init can be traced (jax.jit(tx.init, out_shardings=...)).
     names = masks_lib.leaf_names(params)
+    sparse = [(n, p, m) for n, p, m in zip(names, jax.tree.leaves(params), jax.tree.leaves(masks))
+              if masks_lib.is_sparse(m)]
     active = tuple(jnp.nonzero(m.reshape(-1), size=counts[n])[0].astype(jnp.int32)
-                   for n, m in zip(names, jax.tree.leaves(masks)) if masks_lib.is_sparse(m))
-    return masks, active
+                   for n, _, m in sparse)
+    scale = tuple(core.init_scale(p, m) for _, p, m in sparse) if regrowth == "init" else ()
+    return masks, SETState(active, scale)
 
   def update_masks(x: core.MaskUpdateInputs):
     z = zeta_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    new, survivors, active = [], [], list(x.aux)
+    new, survivors, values, active = [], [], [], list(x.aux.active)
     j = 0
     for i, (m, w) in enumerate(zip(leaves, ws)):
       if not masks_lib.is_sparse(m):
         new.append(m)
         survivors.append(m)
+        values.append(jnp.zeros([], w.dtype))
         continue
-      m_new, kept, active[j] = set_rewire(jax.random.fold_in(x.key, i), w, m, active[j], z)
+      if active[j].shape[0] == m.size:
+        # Density 1 (e.g. capped by ER): nothing to explore, so no drop and no regrowth;
+        # weights and optimizer state carry over as in dense training.
+        new.append(m)
+        survivors.append(m)
+        values.append(jnp.zeros_like(w))
+        j += 1
+        continue
+      m_new, kept, active[j], drop = _rewire(jax.random.fold_in(x.key, i), w, m, active[j], z)
       new.append(m_new)
       survivors.append(kept)
+      if grow_values:
+        key = jax.random.fold_in(x.key, (1 << 20) + i)
+        if regrowth == "init":  # draw only for the nnz slots, then scatter the grown ones
+          draws = core.draw_regrowth("init", key, active[j].shape, w.dtype, x.aux.scale[j])
+          slots = jnp.where(drop, active[j], w.size)
+          values.append(jnp.zeros(w.size, w.dtype).at[slots].set(draws, mode="drop")
+                        .reshape(w.shape))
+        else:
+          values.append(core.draw_regrowth(regrowth, key, w.shape, w.dtype, None))
       j += 1
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
-                           tuple(active))
+                           SETState(tuple(active), x.aux.scale),
+                           jax.tree.unflatten(treedef, values) if grow_values else None)
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
-                               is_update_step=is_update_step, seed=seed)
+                               is_update_step=is_update_step, grow_values=grow_values, seed=seed)

@@ -57,8 +57,17 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
 
 def keep_masks(inner: optax.GradientTransformation, masks: Any
                ) -> optax.GradientTransformationExtraArgs:
-  """Trains with the given ``masks`` fixed (e.g. a lottery ticket or a SNIP mask)."""
+  """Trains with the given ``masks`` fixed (e.g. a lottery ticket or a SNIP mask).
+
+  Raises ValueError naming the leaf when a sparse leaf's mask removes every weight
+  (the layer's output would be constant: keep it, or make the layer dense).
+  """
   masks = jax.tree.map(lambda m: jnp.asarray(m, bool), masks)
+  for name, m in zip(masks_lib.leaf_names(masks), jax.tree.leaves(masks)):
+    if jnp.ndim(m) and not isinstance(m, jax.core.Tracer) and not bool(jnp.any(m)):
+      raise ValueError(f"masks: the mask of leaf '{name}' removes every weight, so the layer's "
+                       "output would be constant; keep some weights, or give the leaf the scalar "
+                       "mask True to keep it dense")
 
   def init_masks(params, key):
     del key

@@ -40,7 +40,7 @@ them as removed and keeps their gradient out of training.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +164,9 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   """
   if not isinstance(n, (int, np.integer)) or not isinstance(m, (int, np.integer)) or m <= 0 \
       or n < 0:
-    raise ValueError(f"n and m must be ints with 0 <= n <= m and m > 0, got n={n!r}, m={m!r}")
+    raise ValueError(f"n and m must be ints with 1 <= n <= m, got n={n!r}, m={m!r}")
+  if n == 0:
+    raise ValueError(f"n must be >= 1: n=0 removes every weight of the leaf (got n={n}, m={m})")
   if n > m:
     raise ValueError(f"n must be <= m for N:M sparsity, got n={n}, m={m}")
   a = _axis(axis, scores.ndim, "nm_mask")
@@ -233,11 +235,48 @@ def structured_masks(scores: Any, structure: Structure, sparsity: float, *,
                             lambda name, leaf, i: structure.expand(group_masks[name], leaf.shape))
 
 
+def definition_order(tree: Any) -> list[str]:
+  """Leaf names in the order the containers hold them (a linen params dict keeps its
+  modules in definition order; ``jax.tree`` would sort the keys)."""
+  out: list[str] = []
+
+  def walk(x, prefix):
+    if isinstance(x, Mapping) and not hasattr(x, "tree_flatten_with_keys"):
+      for k, v in x.items():
+        walk(v, prefix + (str(k),))
+    else:
+      out.extend("/".join(prefix + ((n,) if n else ())) for n in masks_lib.leaf_names(x))
+
+  walk(tree, ())
+  return out
+
+
 def filter_l1_masks(params: Any, sparsity: float, *, scope: str = "local",
-                    filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()) -> Any:
-  """Li et al. (2017): remove the filters with the smallest ``s_j = sum |K_j|``, per layer."""
+                    filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
+                    output_layer: str | None = "last") -> Any:
+  """Li et al. (2017): remove the filters with the smallest ``s_j = sum |K_j|``, per layer.
+
+  The output layer's filters are the network's outputs (one per class): removing one
+  removes a class, so that layer stays dense. ``output_layer="last"`` (default) is
+  the last leaf of rank >= 2 (a kernel) in the params' definition order (the order of
+  a flax linen params dict; ``nnx.State`` sorts its keys, so with nnx name it); a name
+  (or '/'-parts of one, as in ``keep_dense``) names it; ``None`` prunes it too.
+  """
+  if output_layer is not None and not isinstance(output_layer, str):
+    raise TypeError(f"output_layer must be 'last', a leaf name or None, got {output_layer!r}")
+  keep = tuple([keep_dense] if isinstance(keep_dense, str) else keep_dense)
+  if output_layer == "last":
+    kernels = {n for n, leaf in zip(masks_lib.leaf_names(params), jax.tree.leaves(params))
+               if jnp.ndim(leaf) >= 2}
+    ordered = [n for n in definition_order(params) if n in kernels]
+    keep = keep + tuple(ordered[-1:])
+  elif output_layer is not None:
+    if not any(dist._matches(output_layer, n) for n in masks_lib.leaf_names(params)):
+      raise ValueError(f"output_layer: '{output_layer}' matches no leaf; leaves are "
+                       f"{masks_lib.leaf_names(params)}")
+    keep = keep + (output_layer,)
   return structured_masks(jax.tree.map(jnp.abs, params), filters(), sparsity, scope=scope,
-                          filter=filter, keep_dense=keep_dense)
+                          filter=filter, keep_dense=keep)
 
 
 # ------------------------------------------------------------------ channel propagation

@@ -40,11 +40,11 @@ def test_set_invariants_over_200_jitted_steps():
       assert not np.any(np.asarray(p)[~np.asarray(m)]), f"masked weight non-zero at step {t}"
     # SET's active-index lists stay in sync with the masks
     sparse_masks = [m for m in jax.tree.leaves(masks) if m.ndim]
-    for idx, m in zip(js.get_sparse_state(state).aux, sparse_masks):
+    for idx, m in zip(js.get_sparse_state(state).aux.active, sparse_masks):
       np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.flatnonzero(m))
     diff = sum(int(np.sum(np.asarray(a) != np.asarray(b)))
                for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(masks)))
-    if t % 10 == 0:
+    if t % 10 == 0 and t > 0:  # the first update is one period in
       changed.append(diff)
     else:
       assert diff == 0, f"mask changed off-schedule at step {t}"
@@ -69,7 +69,7 @@ def test_set_invariants_over_200_jitted_steps():
     (lambda: optax.adam(1e-2), ("mu", "nu")),
 ])
 def test_optimizer_state_of_pruned_and_regrown_weights_is_zero(make_inner, field_names):
-  tx = js.set(make_inner(), 0.8, update_period=5, update_start=5)
+  tx = js.set(make_inner(), 0.8, update_period=5, update_start=5, regrowth="zero")
   seen = []
 
   def check(t, params, state, old):
@@ -177,7 +177,7 @@ def test_bad_input_errors():
     js.set(optax.sgd(0.1), 0.5, zeta=1.5)
   params = mlp_params(jax.random.key(0))
   bad_masks = {"fc1": {"kernel": jnp.ones((3, 3), bool), "bias": jnp.asarray(True)}}
-  with pytest.raises(ValueError, match="masks: the mask tree's structure"):
+  with pytest.raises(ValueError, match="masks: leaf 'fc2/bias' of params is missing from masks"):
     js.keep_masks(optax.sgd(0.1), bad_masks).init(params)
   wrong_shape = jax.tree.map(lambda p: jnp.ones((2,), bool), params)
   with pytest.raises(ValueError, match="masks: leaf 'fc1/bias' has mask shape"):

@@ -49,16 +49,24 @@ def test_set_regrowth_is_uniform_over_absent_connections():
 
 
 def test_set_transform_one_update_by_hand():
-  params = {"w": jnp.array([[0.5, -0.2, 0.1], [-0.9, 0.3, -0.05]]), "b": jnp.zeros(3)}
-  tx = js.set(optax.sgd(0.0), 0.0, zeta=0.5, update_period=1)
-  state = tx.init(params)  # sparsity 0: every weight active
+  w = jnp.array([[0.5, -0.2, 0.1, 0.0], [-0.9, 0.3, -0.05, 0.0]])
+  params = {"w": w, "b": jnp.zeros(4)}
+  tx = js.set(optax.sgd(0.0), 0.25, zeta=0.5, update_period=1, update_start=0, regrowth="zero")
+  state = tx.init(params)
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+  active = jnp.flatnonzero(mask, size=6).astype(jnp.int32)
+  state = state._replace(masks={"w": mask, "b": state.masks["b"]},
+                         aux=state.aux._replace(active=(active,)))
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
-  new = optax.apply_updates(params, updates)
+  new = np.asarray(optax.apply_updates(params, updates)["w"])
   m = np.asarray(state.masks["w"])
   # positives 0.5, 0.1, 0.3 -> drop floor(1.5) = 1: 0.1; negatives -0.2, -0.9, -0.05 -> drop -0.05.
-  # two removed; the only absent positions are those two, so both are regrown, at exactly zero.
-  assert m.sum() == 6
-  np.testing.assert_array_equal(np.asarray(new["w"]), np.float32([[0.5, -0.2, 0.0], [-0.9, 0.3, 0.0]]))
+  # Two removed, two regrown among the four absent positions (the two just dropped and the
+  # two never active), at exactly zero.
+  kept = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], bool)
+  assert m.sum() == 6 and np.all(m[kept])
+  np.testing.assert_array_equal(new, np.where(kept, np.asarray(w), 0.0))
+  np.testing.assert_array_equal(np.sort(np.asarray(state.aux.active[0])), np.flatnonzero(m))
 
 
 def test_gradual_pruning_follows_zhu_gupta_schedule():
@@ -135,7 +143,8 @@ def test_random_pruning_counts_and_seed():
   params = mlp_params(jax.random.key(0))
   tx = js.random_pruning(optax.sgd(0.05), 0.5, prune_step=0, seed=3)
   state = tx.init(params)
-  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  params = optax.apply_updates(params, updates)
   counts = {c.name: c.kept for c in js.count_leaves(params, state.masks) if c.sparse}
   assert counts == {"fc1/kernel": 2048, "fc2/kernel": 1024, "fc3/kernel": 160}
 

@@ -72,7 +72,7 @@ def test_multi_weight_update_solves_the_constrained_quadratic():
   d[keep] = np.linalg.solve(h[np.ix_(keep, keep)], -h[np.ix_(keep, ~keep)] @ d[~keep])
   np.testing.assert_allclose(np.asarray(out.params["fc1"]["kernel"]).ravel(), w + d,
                              rtol=1e-3, atol=1e-5)
-  assert masks_lib.sparsity(params, out.masks) == 0.5
+  assert masks_lib.sparsity(out.params, out.masks) == 0.5
 
 
 def test_block_diagonal_obs_equals_obs_on_each_block_of_the_direct_hessian():

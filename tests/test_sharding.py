@@ -316,7 +316,7 @@ def test_state_shardings_follow_params():
   # SET's active flat indices (length nnz) are replicated.
   tx = js.set(optax.sgd(0.1), 0.8)
   aux = js.get_sparse_state(sharding.state_shardings(p_sh, jax.eval_shape(tx.init, params))).aux
-  assert all(s.spec == rep for s in aux)
+  assert all(s.spec == rep for s in jax.tree.leaves(aux))
   # shard_like places a real state.
   tx = js.magnitude_pruning(optax.sgd(0.1), 0.5)  # a cheap init: all-True masks
   state = sharding.shard_like(p_sh, tx.init(params))

@@ -27,7 +27,7 @@ def test_nm_masks_on_a_tree_keep_biases_dense():
   params = {"fc1": {"kernel": rand((8, 3)), "bias": rand((3,))}}
   m = structured.nm_masks(jax.tree.map(jnp.abs, params), 2, 4)
   assert jnp.ndim(m["fc1"]["bias"]) == 0
-  assert masks_lib.sparsity(params, m) == 0.5
+  assert masks_lib.sparsity(masks_lib.apply_masks(params, m), m) == 0.5
 
 
 def test_block_mask_is_constant_on_each_block_and_keeps_the_top_blocks():
@@ -46,7 +46,7 @@ def test_block_mask_is_constant_on_each_block_and_keeps_the_top_blocks():
 def test_filter_l1_zeroes_whole_filters_with_the_smallest_l1():
   params = {"conv": {"kernel": rand((3, 3, 4, 10)), "bias": rand((10,))},
             "fc": {"kernel": rand((10, 6), 1), "bias": rand((6,))}}
-  m = structured.filter_l1_masks(params, 0.5)
+  m = structured.filter_l1_masks(params, 0.5, output_layer=None)
   k = np.asarray(m["conv"]["kernel"])
   per_filter = k.reshape(-1, 10)
   assert ((per_filter.all(0)) | (~per_filter.any(0))).all()
@@ -129,10 +129,10 @@ def test_block_shape_must_divide_the_leaf():
 def test_sparsity_that_removes_every_filter_is_refused():
   params = {"conv": {"kernel": rand((3, 3, 1, 4)), "bias": rand((4,))}}
   with pytest.raises(ValueError, match="remove every group.*conv/kernel"):
-    structured.filter_l1_masks(params, 0.9)
+    structured.filter_l1_masks(params, 0.9, output_layer=None)
   big = {"a": {"kernel": rand((2, 100)) * 10}, "b": {"kernel": rand((2, 2)) * 1e-3}}
   with pytest.raises(ValueError, match="every group.*b/kernel"):
-    structured.filter_l1_masks(big, 0.5, scope="global")
+    structured.filter_l1_masks(big, 0.5, scope="global", output_layer=None)
   with pytest.raises(ValueError, match="every channel"):
     structured.slimming_masks({"bn1": {"scale": jnp.asarray([1.0, 2.0])},
                                "bn2": {"scale": jnp.asarray([1e-3, 1e-3])}}, 0.5)
