@@ -17,6 +17,9 @@ The CIFAR ResNets, :class:`CifarResNet` (``"resnet20"``, He et al. 2016) and
 2016), are linen only (no nnx twin): bias-free convs with BatchNorm, so their
 sparse leaves are the conv kernels and the final ``fc`` kernel.
 
+The decoder-only language model ``"gpt"`` is :class:`jaxsparse.transformer.GPT`
+(linen only; ``num_classes`` is its vocabulary size).
+
 Weight matrices and conv kernels are exactly the leaves named ``kernel`` of
 rank >= 2, the usual target of sparsification.
 
@@ -38,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxsparse import transformer as _transformer
 
 BN_MOMENTUM = 0.9
 """BatchNorm running stats: ``new = 0.9 * old + 0.1 * batch`` (PyTorch's default), linen and nnx alike."""
@@ -324,6 +329,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "resnet20": CifarResNet,
     "wrn": WideResNet,
+    "gpt": _transformer.GPT,
 }
 """Model name -> flax.linen class."""
 
