@@ -1,7 +1,8 @@
 """jaxsparse: sparse neural network training as pure optax transformations over mask pytrees."""
 
 from jaxsparse import (bayesian, criteria, distributions, dst, ephemeral, flops, formats, kernels,
-                       masks, obs, regularisers, schedules, sharding, structured, topk)
+                       masks, obs, oneshot, regularisers, schedules, sharding, structured, text,
+                       topk, transformer)
 from jaxsparse.core import (Health, MaskUpdate, MaskUpdateInputs, SparseState, get_masks,
                             get_sparse_state, sparse_transform)
 from jaxsparse.criteria import (grasp_masks, obd_scores, score_masks, score_pruning, snip_masks,
@@ -21,6 +22,7 @@ from jaxsparse.kernels import (BSR, SparseDense, SparseLinear, bsr_from_dense, b
                                bsr_to_dense, load_masks)
 from jaxsparse.masks import apply_masks, check_masks, count_leaves, sparsity, summary
 from jaxsparse.obs import obs_prune
+from jaxsparse.oneshot import owl_sparsities, sparsegpt, wanda_mask
 from jaxsparse.sparse_evolutionary import set  # noqa: A004 (the method's name in the literature)
 from jaxsparse.static import dense, keep_masks, static_sparse
 from jaxsparse.structured import filter_l1_masks, nm_masks, propagate_channels, slimming_masks
