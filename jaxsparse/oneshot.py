@@ -520,9 +520,12 @@ def prune(stages: Sequence[Any], params: Any, inputs: jax.Array, method: str, *,
   """One-shot pruning of a model, stage by stage, from calibration ``inputs``.
 
   Args:
-    stages: the model as a sequence of stages ``apply(params, x) -> x`` (objects with an
-      ``apply`` attribute, or callables), e.g. :func:`jaxsparse.transformer.stages`.
-      Stage ``i + 1`` gets the output of stage ``i`` with its kernels already pruned.
+    stages: the model as a sequence of stages, e.g. :func:`jaxsparse.transformer.stages`:
+      objects with ``apply(params, x) -> x`` and ``scope`` (the top-level params key
+      ``apply`` is given; None: all params), or plain callables of all params. Stage
+      ``i + 1`` gets the output of stage ``i`` with its kernels already pruned. Give
+      equal stages an equal, hashable ``apply``: the jitted calibration compiles once per
+      distinct ``apply``.
     params: the model's params tree (a nested dict, as flax linen's).
     inputs: the calibration batch the first stage takes (for the LM: tokens (n, T)).
     method: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.

@@ -250,7 +250,7 @@ def perplexity(model: GPT, params: Any, windows: np.ndarray, batch_size: int = 6
   windows = np.asarray(windows)
   total = 0.0
   for i in range(0, len(windows), batch_size):
-    # Only full batches (one compile); the tail runs as one more, smaller call.
+    # A last, shorter batch compiles once more.
     total += float(_window_nll_sum(model, params, jnp.asarray(windows[i:i + batch_size])))
   return float(math.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
 

@@ -253,47 +253,61 @@ def test_bad_input_errors_name_the_argument(lm):
 # ------------------------------------------------------------------ sharded path
 
 _SHARDED = textwrap.dedent("""
-    import json, re
+    import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxsparse import oneshot, sharding
     from jaxsparse import transformer as tr
     assert len(jax.devices()) == 8, jax.devices()
     model = tr.GPT(context=16, width=32, depth=2, num_heads=4, mlp_ratio=1)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
-    params = jax.tree.map(lambda p: p * 8 if p.ndim == 2 else p, params)
-    tokens = np.random.default_rng(0).integers(0, 256, size=(8, 16)).astype(np.int32)
+    ref = np.load(sys.argv[1])   # the one-device run: masks, params, tokens
+    names = [n for n in ref.files if n != "tokens"]
+    params = {}
+    for n in names:
+      if n.startswith("params/"):
+        node = params
+        *path, leaf = n.split("/")[1:]
+        for key in path:
+          node = node.setdefault(key, {})
+        node[leaf] = jnp.asarray(ref["init/" + n[len("params/"):]])
     mesh = sharding.make_mesh((2, 4), ("data", "model"))
     # Kernels split over their outputs ("model"), calibration sequences over "data".
     sp = sharding.shard(params, sharding.param_shardings(params, mesh, "tensor_parallel"))
-    st = jax.device_put(jnp.asarray(tokens), sharding.batch_sharding(mesh, "data"))
-    one = oneshot.prune(tr.stages(model), params, tokens, "sparsegpt", sparsity=0.5,
-                        blocksize=16)
-    many = oneshot.prune(tr.stages(model), sp, st, "sparsegpt", sparsity=0.5, blocksize=16)
+    st = jax.device_put(jnp.asarray(ref["tokens"]), sharding.batch_sharding(mesh, "data"))
+    many = oneshot.prune(tr.stages(model), sp, st, "sparsegpt", sparsity=0.5)
+    flat = lambda tree, pre: {pre + "/".join(str(k.key) for k in p): v
+                              for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    masks, pruned = flat(many.masks, "masks/"), flat(many.params, "params/")
     k = many.params["blocks_1"]["mlp"]["fc1"]["kernel"]
     # The per-layer SparseGPT program on a row-split kernel: which collectives it runs.
     w = jax.device_put(jnp.ones((32, 32)), NamedSharding(mesh, P("model", None)))
-    hlo = oneshot._sparsegpt_rows.lower(w, jnp.eye(32), jnp.zeros(2, jnp.int32),
-                                        jnp.float32(0.01), blocksize=16, nm=None).compile()
+    hlo = oneshot._sparsegpt_rows.lower(w, jnp.eye(32), jnp.zeros(1, jnp.int32),
+                                        jnp.float32(0.01), blocksize=32, nm=None).compile()
     print(json.dumps(dict(
-        same_masks=all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one.masks),
-                                                            jax.tree.leaves(many.masks))),
-        close_params=all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in
-                         zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params))),
+        same_masks=sum(np.array_equal(ref[n], masks[n]) for n in names if n in masks),
+        close_params=sum(np.allclose(ref[n], pruned[n], rtol=1e-4, atol=1e-6)
+                         for n in names if n in pruned),
         devices=len(k.sharding.device_set), kept_spec=k.sharding.spec == P(None, "model"),
         all_gathers=len(re.findall(r"all-gather\\(", hlo.as_text())),
         out_spec=hlo.output_shardings[0].spec == P("model", None))))
 """)
 
 
-def test_sharded_prune_matches_one_device():
+def test_sharded_prune_matches_one_device(lm, tmp_path):
   """SparseGPT on 8 fake CPU devices (2 data x 4 model) gives the one-device masks, keeps
   every kernel split over its outputs, and its per-layer program gathers nothing."""
+  model, params, tokens = lm
+  one = oneshot.prune(tr.stages(model), params, tokens, "sparsegpt", sparsity=0.5)
+  flat = lambda tree, pre: {pre + n: np.asarray(v) for n, v in
+                            zip(js.masks.leaf_names(tree), jax.tree.leaves(tree))}
+  np.savez(tmp_path / "ref.npz", tokens=tokens, **flat(one.masks, "masks/"),
+           **flat(one.params, "params/"), **flat(params, "init/"))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "ref.npz")], env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out == dict(same_masks=True, close_params=True, devices=8, kept_spec=True,
+  leaves = len(jax.tree.leaves(params))   # every leaf compared, masks and params
+  assert out == dict(same_masks=leaves, close_params=leaves, devices=8, kept_spec=True,
                      all_gathers=0, out_spec=True), out
