@@ -22,6 +22,14 @@ continues the TensorBoard curves from its checkpoint (a new event file whose
 purge step hides anything logged after that checkpoint). A NaN loss stops the
 run with an error naming the epoch and step and keeps the last good checkpoint.
 
+Nothing is written before the config, the overrides (``method_kwargs`` included: an
+unknown argument is named with the closest valid one), the dataset, the model and the
+method have been built and checked, so a bad command leaves no folder behind.
+
+Run it from the repository root: ``experiments`` is a folder of the repository, not an
+installed package (from elsewhere, ``PYTHONPATH=/path/to/repo python -m experiments.run``);
+results folders are relative to the current directory.
+
 For several methods, sparsities and seeds with baselines, a table and plots,
 see :mod:`experiments.sweep`.
 """
@@ -50,22 +58,29 @@ def default_out(name: str, overrides: list[str]) -> str:
   return os.path.join("results", "runs", name + suffix)
 
 
-def prepare_out(out: str, *, resume: bool, overwrite: bool) -> None:
-  """Creates ``out``; an existing non-empty folder needs ``resume`` or ``overwrite``.
+def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
+  """Checks, without touching the disk, that :func:`prepare_out` would accept ``out``.
 
   Raises:
     FileExistsError: naming ``out`` when it exists and neither flag is set.
+    FileNotFoundError: for ``resume`` without a run in ``out``.
   """
   if resume and overwrite:
     raise ValueError("pass at most one of --resume and --overwrite")
   if os.path.isdir(out) and os.listdir(out):
-    if overwrite:
-      shutil.rmtree(out)
-    elif not resume:
+    if not (overwrite or resume):
       raise FileExistsError(f"results folder {out!r} already exists; pass --resume to continue "
                             "the run in it, --overwrite to replace it, or --out for another folder")
   elif resume:
     raise FileNotFoundError(f"--resume: results folder {out!r} does not exist or is empty")
+
+
+def prepare_out(out: str, *, resume: bool, overwrite: bool) -> None:
+  """Creates ``out``; an existing non-empty folder needs ``resume`` or ``overwrite``
+  (``overwrite`` deletes it first). Raises as :func:`check_out`."""
+  check_out(out, resume=resume, overwrite=overwrite)
+  if overwrite and os.path.isdir(out):
+    shutil.rmtree(out)
   os.makedirs(out, exist_ok=True)
 
 
@@ -230,20 +245,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume: bool = False,
         overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-  """Runs config ``name`` with ``overrides`` into ``out``; returns the report (see module doc)."""
+  """Runs config ``name`` with ``overrides`` into ``out``; returns the report (see module doc).
+
+  Everything is checked before anything is written: the config and overrides,
+  the results folder (read-only), then the dataset, model, method arguments
+  and optimizer state (:func:`jaxsparse.training.train` builds them and calls
+  back to create the folder only when the run can start). A bad argument thus
+  leaves no folder behind, and running the same command again gives the same
+  error.
+  """
   overrides = list(overrides)
   config = configs.apply_overrides(configs.get_config(name), overrides)
   out = out or default_out(name, overrides)
-  prepare_out(out, resume=resume, overwrite=overwrite)
+  check_out(out, resume=resume, overwrite=overwrite)
   ckpt_dir = os.path.join(out, "checkpoints")
-  done = checkpoint.latest_epoch(ckpt_dir) or 0
-  with open(os.path.join(out, "config.json"), "w") as f:
-    f.write(config.to_json())
-  loggers: list[Any] = [CSVLogger(os.path.join(out, "metrics.csv"), keep_epochs=done)]
-  tensorboard = open_tensorboard(os.path.join(out, "tensorboard"),
-                                 resume_after=done if resume else None)
-  if tensorboard is not None:
-    loggers.append(tensorboard)
+  loggers: list[Any] = []
+
+  def on_start() -> None:
+    prepare_out(out, resume=resume, overwrite=overwrite)
+    done = checkpoint.latest_epoch(ckpt_dir) or 0
+    with open(os.path.join(out, "config.json"), "w") as f:
+      f.write(config.to_json())
+    loggers.append(CSVLogger(os.path.join(out, "metrics.csv"), keep_epochs=done))
+    tensorboard = open_tensorboard(os.path.join(out, "tensorboard"),
+                                   resume_after=done if resume else None)
+    if tensorboard is not None:
+      loggers.append(tensorboard)
 
   def on_epoch_end(metrics: dict[str, Any], state: training.TrainState) -> None:
     row = epoch_row(metrics, state)
@@ -253,7 +280,7 @@ def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume:
   try:
     result = training.train(**config.train_kwargs(), progress=progress,
                             checkpoint_dir=ckpt_dir, resume=resume, stop_on_nan=True,
-                            on_epoch_end=on_epoch_end)
+                            on_epoch_end=on_epoch_end, on_start=on_start)
   finally:
     for logger in loggers:
       logger.close()

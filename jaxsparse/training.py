@@ -66,12 +66,15 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
     (``T`` annealed 1e-5 -> 1e-8 -> 1e-12 -> 1e-15 at 25/50/75%, ``eta`` from
     ``learning_rate``), then the sign constraint and rewiring.
   ``kwargs`` override the method's own keyword arguments (``deepr`` also takes
-  ``l1``, ``temperature`` and ``learning_rate``).
+  ``l1``, ``temperature`` and ``learning_rate``); an argument the method does not
+  take is a TypeError naming it and the closest one it takes. ``dense`` has none
+  and ignores ``kwargs`` (a sweep passes the sparse methods' to its baseline).
   """
   if name not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
-  if name == "dense":
+  if name == "dense":  # no hyperparameters: kwargs meant for the sparse methods of a sweep
     return static.dense(inner)
+  _check_method_kwargs(name, kwargs)
   if name == "static":
     return static.static_sparse(inner, sparsity, **{"distribution": "er", "seed": seed, **kwargs})
   if name == "set":
@@ -110,6 +113,29 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
                         deep_rewiring.add_langevin_noise(temperature, lr, seed))
     return deep_rewiring.deep_r(chain, sparsity, **{"seed": seed, **kwargs})
   return magnitude.random_pruning(inner, sparsity, **{"seed": seed, **kwargs})
+
+
+_METHOD_FNS = {"dense": static.dense, "static": static.static_sparse,
+               "set": sparse_evolutionary.set, "magnitude": magnitude.magnitude_pruning,
+               "gradual": magnitude.gradual_pruning, "random": magnitude.random_pruning,
+               "rigl": dst.rigl, "snfs": dst.snfs, "dsr": dst.dsr, "deepr": deep_rewiring.deep_r}
+
+
+def _check_method_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+  """Raises TypeError naming an argument that method ``name`` does not take (with the
+  closest one it does), before anything is built."""
+  import difflib
+  import inspect
+  params = inspect.signature(_METHOD_FNS[name]).parameters
+  known = [k for k, v in params.items() if v.kind == v.KEYWORD_ONLY]
+  if name == "deepr":
+    known += ["learning_rate", "l1", "temperature"]
+  for key in kwargs:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else "."
+      takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+      raise TypeError(f"method_kwargs: method {name!r} takes no argument {key!r}{hint} ({takes})")
 
 
 class TrainState(NamedTuple):
@@ -223,7 +249,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
           method_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
           log: Callable[[str], None] | None = print, checkpoint_dir: str | None = None,
           resume: bool = False, stop_on_nan: bool = False, steps_per_call: int | None = None,
-          on_epoch_end: Callable[[dict[str, Any], TrainState], None] | None = None
+          on_epoch_end: Callable[[dict[str, Any], TrainState], None] | None = None,
+          on_start: Callable[[], None] | None = None
           ) -> dict[str, Any]:
   """Trains ``model`` on ``dataset`` with ``method`` and returns a results dict.
 
@@ -234,7 +261,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   (the first epoch, which includes compilation, is reported separately).
   ``steps_per_call`` is :func:`make_train_epoch`'s (e.g. 5 for conv nets on CPU).
 
-  Reliability hooks (all off by default):
+  Reliability hooks (all off by default; note that ``stop_on_nan`` is off here
+  while ``python -m experiments.run`` turns it on):
 
   * ``checkpoint_dir``: an orbax checkpoint (:mod:`jaxsparse.checkpoint`) is
     written there after every epoch. A folder that already holds checkpoints
@@ -247,6 +275,13 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
     that epoch, so the last good one is kept.
   * ``on_epoch_end(metrics, state)``: called after every epoch with that
     epoch's history entry (e.g. to log it to CSV).
+  * ``on_start()``: called once everything is built and checked (dataset,
+    model, method and its arguments, ``tx.init``) and before anything is
+    written, e.g. to create a results folder only for a run that can start.
+
+  The results also hold ``mask_updates_skipped``: mask updates skipped for
+  non-finite inputs (each retried at the next finite step; see
+  :mod:`jaxsparse.core`), logged when non-zero.
   """
   if epochs <= 0:
     raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -275,6 +310,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   opt_state = tx.init(params)
   params = masks_lib.apply_masks(params, core.get_masks(opt_state))
   state = TrainState(params, batch_stats, opt_state)
+  if on_start is not None:
+    on_start()
 
   history = []
   start = 0
@@ -346,9 +383,15 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
             for c in masks_lib.count_leaves(state.params, masks)}
   nonzero = sum(int(np.count_nonzero(np.asarray(p))) for p in jax.tree.leaves(state.params))
   times = [h["seconds"] for h in history]
+  health = core.get_sparse_state(state.opt_state).health
+  skipped = int(health.skipped) if health is not None else 0
+  if skipped and log is not None:
+    log(f"warning: {skipped} mask update(s) were skipped for non-finite weights or gradients "
+        "(each is retried at the next finite step)")
   return dict(config=config, device=str(jax.devices()[0].platform), jax_version=jax.__version__,
               final_test_accuracy=history[-1]["test_accuracy"], final_sparsity=history[-1]["sparsity"],
               nonzero_params=nonzero, total_params=int(sum(p.size for p in jax.tree.leaves(state.params))),
               layers=layers, history=history, first_epoch_seconds=times[0],
+              mask_updates_skipped=skipped,
               seconds_per_epoch=float(np.median(times[1:])) if len(times) > 1 else times[0],
               summary=masks_lib.summary(state.params, masks), state=state)
