@@ -385,7 +385,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
   core.check_regrowth(regrowth)
   tracks = drop.uses_momentum or grow.uses_momentum or redistribute.uses_momentum
-  grow_values = regrowth != "zero"
+  # as in jaxsparse.set: "init" draws as int8 codes (free off update steps), a callable's exactly
+  grow_values = False if regrowth == "zero" else ("int8" if regrowth == "init" else True)
 
   def counts_of(params):
     return dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
@@ -439,18 +440,23 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     flat_p, flat_g = jax.tree.leaves(x.params), jax.tree.leaves(x.grads)
 
     def values_for(new):
+      """(values, units) of the grown weights, as core.sparse_transform's grow_values wants."""
       if not grow_values:
-        return None
+        return None, None
       vals = [jnp.zeros([], p.dtype) if not masks_lib.is_sparse(m) else jnp.zeros_like(p)
               for p, m in zip(flat_p, flat_m)]
+      units = [jnp.ones([], jnp.float32) for _ in flat_p]
       for j, i in zip(pos, idx):
         key = jax.random.fold_in(x.key, (1 << 20) + i)
-        vals[i] = core.draw_regrowth(regrowth, key, flat_p[i].shape, flat_p[i].dtype,
-                                     x.aux.scale[j] if regrowth == "init" else None)
-      return jax.tree.unflatten(treedef, vals)
+        scale = x.aux.scale[j] if regrowth == "init" else None
+        vals[i] = core.draw_regrowth(regrowth, key, flat_p[i].shape, flat_p[i].dtype, scale)
+        if regrowth == "init":
+          units[i] = scale * (4.0 / 126)  # +-4 standard deviations in 126 steps
+      return (jax.tree.unflatten(treedef, vals),
+              jax.tree.unflatten(treedef, units) if grow_values == "int8" else None)
 
     if not idx:
-      return core.MaskUpdate(x.masks, x.masks, x.aux, values_for(x.masks))
+      return core.MaskUpdate(x.masks, x.masks, x.aux, *values_for(x.masks))
     layers = Layers(names=tuple(names[i] for i in idx), weights=tuple(flat_p[i] for i in idx),
                     grads=tuple(flat_g[i] for i in idx),
                     momenta=tuple(x.aux.momenta[j] for j in pos) if x.aux.momenta else (),
@@ -474,7 +480,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
       new[i] = expand(kept[j] | grown)
       survivors[i] = expand(kept[j] | (grown & layers.masks[j]) if regrown == "keep" else kept[j])
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
-                           DSTState(drop_state, x.aux.momenta, x.aux.scale), values_for(new))
+                           DSTState(drop_state, x.aux.momenta, x.aux.scale), *values_for(new))
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, track=track if tracks else None,

@@ -67,15 +67,22 @@ class SETState(NamedTuple):
   scale: tuple = ()
 
 
-def _rewire(key, w, mask, active, zeta):
+_REMOVED = -128  # int8 code of an absent weight in _rewire_codes (a survivor is 127)
+
+
+def _rewire_codes(key, w, mask, active, zeta, grow_codes):
+  """:func:`set_rewire` that also places ``grow_codes`` (int8 in [-126, 126], one per slot)
+  at the grown positions, in the scatter that sets them (no extra scatter: in the update
+  branch each one costs at every step on CPU). Returns the codes: 127 kept, the grow code
+  where grown, :data:`_REMOVED` elsewhere; the new mask is ``codes != _REMOVED``."""
   drop = set_drop(w.reshape(-1)[active], zeta)
   kept = mask.reshape(-1).at[active].set(~drop)
   n_grow = topk.count_true(drop)
   grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
-  new = kept.at[grown].set(True, mode="drop")
+  codes = jnp.where(kept, jnp.int8(127), jnp.int8(_REMOVED)).at[grown].set(grow_codes, mode="drop")
   slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
   new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
-  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active, drop
+  return codes.reshape(mask.shape), kept.reshape(mask.shape), new_active
 
 
 def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
@@ -94,8 +101,14 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
     connections absent after the drop (so a just-dropped connection may come
     back, at zero, as in the authors' code).
   """
-  new, kept, new_active, _ = _rewire(key, w, mask, active, zeta)
-  return new, kept, new_active
+  drop = set_drop(w.reshape(-1)[active], zeta)
+  kept = mask.reshape(-1).at[active].set(~drop)
+  n_grow = topk.count_true(drop)
+  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
+  new = kept.at[grown].set(True, mode="drop")
+  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
+  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
+  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active
 
 
 def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
@@ -117,11 +130,14 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
       one period in, as the paper rewires after each epoch of training), and the
       step from which updates stop (``None``: never).
     regrowth: starting values of the regrown weights: ``"init"`` (default, the
-      authors' code) a zero-mean normal with the standard deviation of the
-      layer's weights at ``init``; ``"zero"``; or a callable ``(key, shape,
-      dtype) -> array`` such as the layer's ``jax.nn.initializers`` initializer
-      (called on the leaf's shape; the regrown positions take its values).
-      Their optimizer state starts at zero in every case.
+      authors' code) a zero-mean normal with the standard deviation ``s`` of the
+      layer's weights at ``init``, at 8 bits (steps of ``4 s / 126``, clipped to
+      ``+-4 s``: free off update steps, see :func:`jaxsparse.sparse_transform`);
+      ``"zero"``; or a callable ``(key, shape, dtype) -> array`` such as the
+      layer's ``jax.nn.initializers`` initializer (called on the leaf's shape;
+      the regrown positions take its values exactly, which costs a write and a
+      read of the params' size at every step). Their optimizer state starts
+      at zero in every case.
     distribution: layer densities, ``"er"`` (paper), ``"erk"`` or ``"uniform"``.
     filter, keep_dense, overrides: which leaves are sparse (see
       :func:`jaxsparse.distributions.kept_counts`).
@@ -138,7 +154,9 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
   core.check_regrowth(regrowth)
   is_update_step = schedules.periodic(update_period, update_start, update_stop)
   zeta_at = schedules.as_schedule(zeta)
-  grow_values = regrowth != "zero"
+  # "init" draws travel as int8 codes in units of 1/126 of 4 standard deviations (see
+  # core.sparse_transform: free off update steps); a callable's values exactly.
+  grow_values = False if regrowth == "zero" else ("int8" if regrowth == "init" else True)
 
   def init_masks(params, key):
     counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
@@ -160,9 +178,10 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
     z = zeta_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    new, survivors, values, active = [], [], [], list(x.aux.active)
+    new, survivors, values, units, active = [], [], [], [], list(x.aux.active)
     j = 0
     for i, (m, w) in enumerate(zip(leaves, ws)):
+      units.append(jnp.ones([], jnp.float32))
       if not masks_lib.is_sparse(m):
         new.append(m)
         survivors.append(m)
@@ -176,22 +195,27 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
         values.append(jnp.zeros_like(w))
         j += 1
         continue
-      m_new, kept, active[j], drop = _rewire(jax.random.fold_in(x.key, i), w, m, active[j], z)
+      key, vkey = jax.random.fold_in(x.key, i), jax.random.fold_in(x.key, (1 << 20) + i)
+      if regrowth == "init":
+        # One draw per slot (nnz, not the leaf's size), as int8 codes in steps of 4/126
+        # standard deviations, set in the scatter that grows the positions.
+        z8 = core.draw_regrowth("init", vkey, active[j].shape, jnp.float32, jnp.float32(1.0))
+        grow_codes = jnp.clip(jnp.round(z8 * (126 / 4.0)), -126, 126).astype(jnp.int8)
+        codes, kept, active[j] = _rewire_codes(key, w, m, active[j], z, grow_codes)
+        m_new = codes != _REMOVED
+        units[-1] = x.aux.scale[j] * (4.0 / 126)
+        values.append(jnp.where(kept | ~m_new, 0, codes).astype(jnp.float32) * units[-1])
+      else:
+        m_new, kept, active[j] = set_rewire(key, w, m, active[j], z)
+        if grow_values:
+          values.append(core.draw_regrowth(regrowth, vkey, w.shape, w.dtype, None))
       new.append(m_new)
       survivors.append(kept)
-      if grow_values:
-        key = jax.random.fold_in(x.key, (1 << 20) + i)
-        if regrowth == "init":  # draw only for the nnz slots, then scatter the grown ones
-          draws = core.draw_regrowth("init", key, active[j].shape, w.dtype, x.aux.scale[j])
-          slots = jnp.where(drop, active[j], w.size)
-          values.append(jnp.zeros(w.size, w.dtype).at[slots].set(draws, mode="drop")
-                        .reshape(w.shape))
-        else:
-          values.append(core.draw_regrowth(regrowth, key, w.shape, w.dtype, None))
       j += 1
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
                            SETState(tuple(active), x.aux.scale),
-                           jax.tree.unflatten(treedef, values) if grow_values else None)
+                           jax.tree.unflatten(treedef, values) if grow_values else None,
+                           jax.tree.unflatten(treedef, units) if grow_values == "int8" else None)
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, grow_values=grow_values, seed=seed)
