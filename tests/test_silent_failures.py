@@ -32,16 +32,17 @@ def removed_and_zero(params, masks):
 
 def test_1_a_transform_after_the_method_is_detected_and_the_reports_count_real_zeros():
   params = mlp_params(jax.random.key(0))
-  wrong = optax.chain(js.static_sparse(optax.scale_by_adam(), 0.9),
-                      optax.scale_by_learning_rate(1e-2))
-  right = js.static_sparse(optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2)),
-                           0.9)
+  # gradual pruning with an update at every step (steps 0-3; the first prune at step 1), so
+  # that the state's check, made at mask updates, finds the leak at steps 2 and 3
+  method = lambda inner: js.gradual_pruning(inner, 0.9, num_updates=3, update_period=1)
+  wrong = optax.chain(method(optax.scale_by_adam()), optax.scale_by_learning_rate(1e-2))
+  right = method(optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(1e-2)))
   out = {}
   for name, tx in (("wrong", wrong), ("right", right)):
     state = tx.init(params)
-    p = params  # masks not applied up front: the first update must zero the masked weights
+    p = params
     step = make_step(tx)
-    for x, y in batches(3):
+    for x, y in batches(4):
       p, state = step(p, state, x, y)
     out[name] = p, state
   p, state = out["wrong"]
@@ -52,7 +53,7 @@ def test_1_a_transform_after_the_method_is_detected_and_the_reports_count_real_z
     assert js.sparsity(p, masks) == pytest.approx(real, abs=1e-12)
   with pytest.warns(RuntimeWarning):
     assert "WARNING" in js.summary(p, masks)
-  assert int(js.get_sparse_state(state).health.unmasked) == 2  # found at steps 1 and 2
+  assert int(js.get_sparse_state(state).health.unmasked) == 2  # found at steps 2 and 3
   with pytest.warns(RuntimeWarning, match="put the method last"):
     js.get_masks(state)
   # The same optimizer with the method last: silent, and the target sparsity is real.
