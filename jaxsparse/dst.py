@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxsparse import core, schedules, topk
+from jaxsparse import core, schedules, sparse_evolutionary, topk
 from jaxsparse import distributions as dist
 from jaxsparse import masks as masks_lib
 from jaxsparse.static import random_masks
@@ -84,11 +84,12 @@ class GrowRule(NamedTuple):
   """Which absent weights an update grows.
 
   Attributes:
-    select: ``(layers, i, allowed, k, key) -> mask`` of exactly
-      ``min(k, count(allowed))`` positions of leaf ``i`` among ``allowed``.
+    select: ``(layers, allowed, k, key) -> masks``: for every leaf ``i``, the mask
+      of exactly ``min(k[i], count(allowed[i]))`` positions among ``allowed[i]``
+      (all leaves in one call, so that a program holds one selection for all).
     uses_momentum: whether the rule reads ``layers.momenta``.
   """
-  select: Callable[[Layers, int, jax.Array, jax.Array, jax.Array], jax.Array]
+  select: Callable[[Layers, tuple[jax.Array, ...], jax.Array, jax.Array], tuple[jax.Array, ...]]
   uses_momentum: bool = False
 
 
@@ -135,10 +136,9 @@ def drop_magnitude(fraction: schedules.ScalarOrSchedule = 0.3, *, rounding: str 
 
   def apply(layers: Layers, state: Any):
     f = jnp.clip(f_at(layers.step), 0.0, 1.0)
-    drops = tuple(
-        topk.smallest_k_mask(jnp.abs(w), _fraction_count(f, jnp.sum(m, dtype=jnp.int32), rounding), m)
-        for w, m in zip(layers.weights, layers.masks))
-    return drops, state
+    k = _fraction_count(f, topk.count_true_each(layers.masks), rounding)
+    drops = topk.smallest_k_each([jnp.abs(w) for w in layers.weights], k, layers.masks)
+    return tuple(drops), state
 
   return DropRule(lambda: (), apply)
 
@@ -152,14 +152,10 @@ def drop_set(zeta: schedules.ScalarOrSchedule = 0.3) -> DropRule:
 
   def apply(layers: Layers, state: Any):
     z = jnp.clip(z_at(layers.step), 0.0, 1.0)
-    drops = []
-    for w, m in zip(layers.weights, layers.masks):
-      pos, neg = m & (w > 0), m & (w < 0)
-      k = jnp.stack([_fraction_count(z, jnp.sum(pos, dtype=jnp.int32), "floor"),
-                     _fraction_count(z, jnp.sum(neg, dtype=jnp.int32), "floor")])
-      side = topk.smallest_k_per_group(jnp.abs(w), neg.astype(jnp.int32), k, pos | neg)
-      drops.append(side | (m & (w == 0)))
-    return tuple(drops), state
+    # SET's own rule (one implementation) on the active weights; removed ones read as zero.
+    drops = sparse_evolutionary.set_drop_each(
+        [jnp.where(m, w, 0).reshape(-1) for w, m in zip(layers.weights, layers.masks)], z)
+    return tuple(d.reshape(m.shape) & m for d, m in zip(drops, layers.masks)), state
 
   return DropRule(lambda: (), apply)
 
@@ -210,12 +206,14 @@ def drop_threshold(target_pruned: int = 600, *, initial_threshold: float = 1e-3,
 
 def grow_random() -> GrowRule:
   """Grows uniformly at random among the candidates (SET, DSR)."""
-  return GrowRule(lambda layers, i, allowed, k, key: topk.random_k_mask(key, k, allowed))
+  return GrowRule(lambda layers, allowed, k, key: tuple(topk.random_k_masks_each(key, k, allowed)))
 
 
 def _grow_by(score: Callable[[Layers, int], jax.Array], uses_momentum: bool = False) -> GrowRule:
-  return GrowRule(lambda layers, i, allowed, k, key: topk.largest_k_mask(score(layers, i), k, allowed),
-                  uses_momentum)
+  def select(layers, allowed, k, key):
+    scores = [score(layers, i) for i in range(len(allowed))]
+    return tuple(topk.largest_k_each(scores, k, allowed))
+  return GrowRule(select, uses_momentum)
 
 
 def _finite_abs(x: jax.Array) -> jax.Array:
@@ -283,7 +281,7 @@ def by_nonzeros() -> Redistribution:
   """DSR: the total dropped count over the leaves in proportion to each leaf's
   surviving non-zeros ``R_l`` (Mostafa & Wang 2019, alg. 1), rounded to exactly the total."""
   def counts(layers, kept, dropped, capacity):
-    r = jnp.stack([jnp.sum(k, dtype=jnp.int32) for k in kept]).astype(jnp.float32)
+    r = topk.count_true_each(kept).astype(jnp.float32)
     return apportion(jnp.sum(dropped), r, capacity)
   return Redistribution(counts)
 
@@ -470,13 +468,14 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     drops, drop_state = drop.apply(layers, x.aux.drop)
     kept = tuple(m & ~d for m, d in zip(layers.masks, drops))
     allowed = tuple(~m if regrown == "exclude" else ~k for m, k in zip(layers.masks, kept))
-    dropped = jnp.stack([jnp.sum(d, dtype=jnp.int32) for d in drops])
-    capacity = jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in allowed])
+    dropped = topk.count_true_each(drops)
+    capacity = topk.count_true_each(allowed)
     n_grow = redistribute.counts(layers, kept, dropped, capacity)
     new, survivors = list(flat_m), list(flat_m)
     expand = (lambda b: b) if block_shape is None else (lambda b: block_expand(b, block_shape))
+    grown_all = grow.select(layers, allowed, n_grow, jax.random.fold_in(x.key, 0))
     for j, i in enumerate(idx):
-      grown = grow.select(layers, j, allowed[j], n_grow[j], jax.random.fold_in(x.key, i))
+      grown = grown_all[j]
       new[i] = expand(kept[j] | grown)
       survivors[i] = expand(kept[j] | (grown & layers.masks[j]) if regrown == "keep" else kept[j])
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),

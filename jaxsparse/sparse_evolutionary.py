@@ -29,6 +29,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxsparse import core, schedules, topk
@@ -43,15 +44,28 @@ def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
   The ``floor(zeta * n_pos)`` positive and ``floor(zeta * n_neg)`` negative
   values closest to zero, and every value that is exactly zero.
   """
-  pos = values > 0
-  neg = values < 0
-  k_pos = jnp.floor(zeta * topk.count_true(pos)).astype(jnp.int32)
-  k_neg = jnp.floor(zeta * topk.count_true(neg)).astype(jnp.int32)
-  # Both sides in one selection: the k_pos smallest |w| among positives (group 0)
-  # and the k_neg smallest |w| among negatives (group 1).
-  drop = topk.smallest_k_per_group(jnp.abs(values), neg.astype(jnp.int32),
-                                   jnp.stack([k_pos, k_neg]), pos | neg)
-  return drop | (values == 0)
+  return set_drop_each([values], zeta)[0]
+
+
+def set_drop_each(values: Sequence[jax.Array], zeta: jax.Array) -> list[jax.Array]:
+  """:func:`set_drop` for several layers at once, in one selection (a program with many
+  layers holds it once): group ``2 l`` is layer l's positives, ``2 l + 1`` its negatives."""
+  sizes = [v.shape[0] for v in values]
+  vals = _concat(values)
+  pos, neg = vals > 0, vals < 0
+  k = jnp.floor(zeta * topk.count_true_each([s for v in values for s in (v > 0, v < 0)]))
+  groups = jnp.asarray(np.repeat(2 * np.arange(len(sizes)), sizes), jnp.int32) + neg
+  drop = topk.smallest_k_per_group(jnp.abs(vals), groups, k.astype(jnp.int32), pos | neg)
+  return _split(drop | (vals == 0), sizes)
+
+
+def _concat(xs: Sequence[jax.Array]) -> jax.Array:
+  return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+
+
+def _split(x: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+  ends = np.cumsum(sizes)
+  return [x[e - s:e] for s, e in zip(sizes, ends)]
 
 
 class SETState(NamedTuple):
@@ -67,22 +81,7 @@ class SETState(NamedTuple):
   scale: tuple = ()
 
 
-_REMOVED = -128  # int8 code of an absent weight in _rewire_codes (a survivor is 127)
-
-
-def _rewire_codes(key, w, mask, active, zeta, grow_codes):
-  """:func:`set_rewire` that also places ``grow_codes`` (int8 in [-126, 126], one per slot)
-  at the grown positions, in the scatter that sets them (no extra scatter: in the update
-  branch each one costs at every step on CPU). Returns the codes: 127 kept, the grow code
-  where grown, :data:`_REMOVED` elsewhere; the new mask is ``codes != _REMOVED``."""
-  drop = set_drop(w.reshape(-1)[active], zeta)
-  kept = mask.reshape(-1).at[active].set(~drop)
-  n_grow = topk.count_true(drop)
-  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
-  codes = jnp.where(kept, jnp.int8(127), jnp.int8(_REMOVED)).at[grown].set(grow_codes, mode="drop")
-  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
-  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
-  return codes.reshape(mask.shape), kept.reshape(mask.shape), new_active
+_REMOVED = -128  # int8 code of an absent weight in set_rewire_each's codes (a survivor is 127)
 
 
 def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
@@ -90,7 +89,7 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
   """One SET update of one layer.
 
   Args:
-    key: PRNG key of this update and layer.
+    key: PRNG key of this update.
     w: the layer's weights; mask: its mask; active: the flat indices of its
       ``nnz`` active weights (the order is irrelevant).
     zeta: the drop fraction.
@@ -99,16 +98,47 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
     ``(new_mask, survivors, new_active)``: the dropped slots of ``active`` are
     refilled with as many positions drawn uniformly at random among the
     connections absent after the drop (so a just-dropped connection may come
-    back, at zero, as in the authors' code).
+    back, as in the authors' code).
   """
-  drop = set_drop(w.reshape(-1)[active], zeta)
-  kept = mask.reshape(-1).at[active].set(~drop)
-  n_grow = topk.count_true(drop)
-  grown = topk.random_k_positions(key, n_grow, ~kept, active.shape[0])
-  new = kept.at[grown].set(True, mode="drop")
-  slot = jnp.cumsum(drop, dtype=jnp.int32) - 1
-  new_active = jnp.where(drop, grown[jnp.clip(slot, 0, active.shape[0] - 1)], active)
-  return new.reshape(mask.shape), kept.reshape(mask.shape), new_active
+  (new,), (kept,), (new_active,) = set_rewire_each(key, [w], [mask], [active], zeta)
+  return new, kept, new_active
+
+
+def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax.Array],
+                    actives: Sequence[jax.Array], zeta: jax.Array,
+                    grow_codes: jax.Array | None = None) -> tuple[list, list, list]:
+  """:func:`set_rewire` for several layers at once: one drop selection and one set of
+  random draws for all (so a program holds them once, however many layers it has).
+
+  ``grow_codes`` (int8 in [-126, 126], one per slot of all layers' ``actives`` in order):
+  instead of new masks, return int8 codes set in the scatter that grows the positions:
+  127 kept, the slot's grow code where grown, :data:`_REMOVED` elsewhere (the new mask is
+  ``codes != _REMOVED``; no extra scatter, since in the update branch each one costs at
+  every step on CPU).
+  """
+  sizes = [a.shape[0] for a in actives]
+  drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], zeta)
+  kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
+  n_grow = topk.count_true_each(drops)
+  grown = topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes)
+  # The j-th dropped slot of layer l takes layer l's j-th grown position.
+  drop, grown_all = _concat(drops), _concat(grown)
+  dropped_before = topk.prefix_sum(n_grow) - n_grow
+  leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+  slot_start = jnp.asarray(np.repeat(np.cumsum(sizes) - sizes, sizes), jnp.int32)
+  j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - dropped_before.at[leaf].get(
+      mode="promise_in_bounds")
+  new_active = jnp.where(drop, grown_all[jnp.clip(slot_start + j, 0, grown_all.shape[0] - 1)],
+                         _concat(actives))
+  codes = None if grow_codes is None else _split(grow_codes, sizes)
+  new = []
+  for i, (k, g) in enumerate(zip(kept, grown)):
+    if codes is None:
+      new.append(k.at[g].set(True, mode="drop").reshape(masks[i].shape))
+    else:
+      c = jnp.where(k, jnp.int8(127), jnp.int8(_REMOVED)).at[g].set(codes[i], mode="drop")
+      new.append(c.reshape(masks[i].shape))
+  return (new, [k.reshape(m.shape) for k, m in zip(kept, masks)], _split(new_active, sizes))
 
 
 def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
@@ -178,40 +208,38 @@ def set(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules
     z = zeta_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    new, survivors, values, units, active = [], [], [], [], list(x.aux.active)
-    j = 0
-    for i, (m, w) in enumerate(zip(leaves, ws)):
-      units.append(jnp.ones([], jnp.float32))
-      if not masks_lib.is_sparse(m):
-        new.append(m)
-        survivors.append(m)
-        values.append(jnp.zeros([], w.dtype))
-        continue
-      if active[j].shape[0] == m.size:
-        # Density 1 (e.g. capped by ER): nothing to explore, so no drop and no regrowth;
-        # weights and optimizer state carry over as in dense training.
-        new.append(m)
-        survivors.append(m)
-        values.append(jnp.zeros_like(w))
-        j += 1
-        continue
-      key, vkey = jax.random.fold_in(x.key, i), jax.random.fold_in(x.key, (1 << 20) + i)
+    sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]
+    # A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop and no
+    # regrowth; its weights and optimizer state carry over as in dense training.
+    rewired = [j for j, i in enumerate(sparse) if x.aux.active[j].shape[0] < leaves[i].size]
+    new, survivors, active = list(leaves), list(leaves), list(x.aux.active)
+    values = [jnp.zeros_like(w) if masks_lib.is_sparse(m) else jnp.zeros([], w.dtype)
+              for m, w in zip(leaves, ws)]
+    units = [jnp.ones([], jnp.float32) for _ in leaves]
+    if rewired:
+      idx = [sparse[j] for j in rewired]
+      grow_codes = None
       if regrowth == "init":
         # One draw per slot (nnz, not the leaf's size), as int8 codes in steps of 4/126
         # standard deviations, set in the scatter that grows the positions.
-        z8 = core.draw_regrowth("init", vkey, active[j].shape, jnp.float32, jnp.float32(1.0))
+        n_slots = sum(active[j].shape[0] for j in rewired)
+        z8 = core.draw_regrowth("init", jax.random.fold_in(x.key, 1), (n_slots,), jnp.float32,
+                                jnp.float32(1.0))
         grow_codes = jnp.clip(jnp.round(z8 * (126 / 4.0)), -126, 126).astype(jnp.int8)
-        codes, kept, active[j] = _rewire_codes(key, w, m, active[j], z, grow_codes)
-        m_new = codes != _REMOVED
-        units[-1] = x.aux.scale[j] * (4.0 / 126)
-        values.append(jnp.where(kept | ~m_new, 0, codes).astype(jnp.float32) * units[-1])
-      else:
-        m_new, kept, active[j] = set_rewire(key, w, m, active[j], z)
-        if grow_values:
-          values.append(core.draw_regrowth(regrowth, vkey, w.shape, w.dtype, None))
-      new.append(m_new)
-      survivors.append(kept)
-      j += 1
+      out, kept, new_active = set_rewire_each(
+          jax.random.fold_in(x.key, 0), [ws[i] for i in idx], [leaves[i] for i in idx],
+          [active[j] for j in rewired], z, grow_codes)
+      for n, (i, j) in enumerate(zip(idx, rewired)):
+        active[j], survivors[i] = new_active[n], kept[n]
+        if regrowth == "init":
+          new[i] = out[n] != _REMOVED
+          units[i] = x.aux.scale[j] * (4.0 / 126)
+          values[i] = jnp.where(kept[n] | ~new[i], 0, out[n]).astype(jnp.float32) * units[i]
+        else:
+          new[i] = out[n]
+          if grow_values:
+            values[i] = core.draw_regrowth(regrowth, jax.random.fold_in(x.key, (1 << 20) + i),
+                                           ws[i].shape, ws[i].dtype, None)
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
                            SETState(tuple(active), x.aux.scale),
                            jax.tree.unflatten(treedef, values) if grow_values else None,

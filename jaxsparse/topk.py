@@ -3,19 +3,22 @@
 Mask updates need "the k smallest |w| among the active weights" where k is
 often only known on device (it depends on the step, or on how many weights
 are positive). :func:`smallest_k_mask` answers that in O(n) passes instead of
-a full sort: it finds the k-th value by a two-pass radix select (histograms of
-the high and then the low 16 bits of each float32 score's order-preserving
-integer key), takes every score below it and breaks ties at it by lower flat
-index, so exactly
-``min(k, count(valid))`` entries are selected. :func:`smallest_k_masks` /
-:func:`largest_k_masks` select over several arrays at once (a global
-criterion over many leaves) with the same result as on their concatenation.
+a full sort: a radix select of the k-th smallest composite key (the float32
+score's order-preserving integer key, then the flat index), 16 bits per pass
+(a 65536-bin histogram per pass), so that exactly ``min(k, count(valid))``
+entries are selected and ties at the threshold go to the lower flat index.
+The index passes run only when the ties at the threshold do not all fit, and
+all passes are one ``while_loop`` body, so a selection compiles once.
+:func:`smallest_k_masks` / :func:`largest_k_masks` select over several arrays
+at once (a global criterion over many leaves) with the same result as on
+their concatenation; :func:`smallest_k_per_group` selects within groups (SET's
+positive and negative weights of every layer) in the same passes.
 
 No selection flattens or concatenates its inputs: the histograms are filled
-from arrays of any shape, and ties at the threshold are broken by one more
-radix select, on the flat indices (built from iotas). So under ``jax.jit`` a
-sharded input gives a mask with the same sharding, and the devices exchange
-only the 65536-bin histograms and a few counts (XLA inserts the all-reduces).
+from arrays of any shape and the flat indices are built from iotas. So under
+``jax.jit`` a sharded input gives a mask with the same sharding, and the
+devices exchange only the 65536-bin histograms and a few counts (XLA inserts
+the all-reduces).
 
 :func:`top_k_mask` does the same with ``jax.lax.top_k`` when k is a static
 Python int; both agree exactly, including on ties (lower index first).
@@ -23,6 +26,7 @@ Python int; both agree exactly, including on ties (lower index first).
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -48,16 +52,17 @@ def _check_k(k, n: int) -> None:
 
 
 def _per_element(values: jax.Array, group: jax.Array | None) -> jax.Array:
-  """``values[group]`` for a small static number of groups, by selects (no gather).
+  """``values[group]``: by selects for two groups, by a gather from the small table beyond.
 
-  ``group=None`` means a single group: ``values[0]``, broadcasting.
+  ``group=None`` means a single group: ``values[0]``, broadcasting; an int, that group.
   """
   if group is None:
     return values[0]
-  out = jnp.broadcast_to(values[0], group.shape)
-  for g in range(1, values.shape[0]):
-    out = jnp.where(group == g, values[g], out)
-  return out
+  if isinstance(group, int):
+    return values[group]
+  if values.shape[0] > 2:
+    return values.at[group].get(mode="promise_in_bounds")
+  return jnp.where(group == 1, values[-1], values[0])
 
 
 def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
@@ -95,10 +100,28 @@ def cpu_or_default(cpu, default, *args):
   return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
-def _prefix_sum(x: jax.Array) -> jax.Array:
-  """Exact inclusive prefix sum along the last axis of an integer array."""
-  return cpu_or_default(lambda x: lax.associative_scan(jnp.add, x, axis=x.ndim - 1),
-                        lambda x: jnp.cumsum(x, axis=-1, dtype=x.dtype), x)
+def _cpu_prefix_sum(x: jax.Array) -> jax.Array:
+  # Blocked: rows of 256 summed by a dot with an upper-triangular matrix of ones, the row
+  # totals' exclusive prefix by the same recursion. A few ops per 256x level, where an
+  # associative scan (exact too) unrolls into ~10 ops per halving and took ~1 s to compile.
+  n = x.shape[-1]
+  upper = (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32)
+  if n <= 256:
+    return jnp.dot(x, upper[:n, :n])
+  rows = -(-n // 256)
+  within = jnp.dot(jnp.pad(x, (0, rows * 256 - n)).reshape(rows, 256), upper)
+  totals = within[:, 255]
+  return (within + (_cpu_prefix_sum(totals) - totals)[:, None]).reshape(-1)[:n]
+
+
+def prefix_sum(x: jax.Array) -> jax.Array:
+  """Exact inclusive prefix sum of a 1-D int32 array (a cumsum; on CPU by dots)."""
+  return cpu_or_default(_cpu_prefix_sum, lambda x: jnp.cumsum(x, dtype=x.dtype), x)
+
+
+# The helpers below take the platform choice as a static ``cpu`` flag: a whole selection
+# is one cpu_or_default (each switch adds two conditionals to the program, ~10 ms of CPU
+# compile time apiece), and its helpers follow the branch they are traced in.
 
 
 def _cpu_row_sum(x: jax.Array) -> jax.Array:
@@ -111,25 +134,26 @@ def _cpu_row_sum(x: jax.Array) -> jax.Array:
   return jnp.dot(x, jnp.ones(x.shape[-1], jnp.int32))
 
 
-def _row_sum(x: jax.Array) -> jax.Array:
+def _row_sum(x: jax.Array, cpu: bool) -> jax.Array:
   """Exact int32 sum along the last axis of an int or bool array of rank >= 2."""
-  return cpu_or_default(_cpu_row_sum, lambda x: jnp.sum(x, axis=-1, dtype=jnp.int32),
-                        x.astype(jnp.int32))
+  x = x.astype(jnp.int32)
+  return _cpu_row_sum(x) if cpu else jnp.sum(x, axis=-1, dtype=jnp.int32)
 
 
-def _row_prefix_sum_256(x: jax.Array) -> jax.Array:
+def _row_prefix_sum_256(x: jax.Array, cpu: bool) -> jax.Array:
   """Exact inclusive prefix sums along 256-long int32 rows (the radix histograms' rows)."""
   # On CPU a dot with an upper-triangular matrix of ones (one op, no reduction computation).
-  upper = (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32)
-  return cpu_or_default(lambda x: jnp.dot(x, upper),
-                        lambda x: jnp.cumsum(x, axis=-1, dtype=jnp.int32), x)
+  if cpu:
+    return jnp.dot(x, (jnp.arange(256)[:, None] <= jnp.arange(256)[None, :]).astype(jnp.int32))
+  return jnp.cumsum(x, axis=-1, dtype=jnp.int32)
 
 
 _DOT_COUNT_MAX = 1 << 16  # larger arrays: a reduction's fixed per-call cost is negligible
 
 
-def _cpu_count(x: jax.Array) -> jax.Array:
-  if x.size > _DOT_COUNT_MAX:
+def _count(x: jax.Array, cpu: bool) -> jax.Array:
+  x = x.astype(jnp.int32)
+  if not cpu or x.size > _DOT_COUNT_MAX:
     return jnp.sum(x, dtype=jnp.int32)
   while x.ndim > 1:
     x = _cpu_row_sum(x)
@@ -145,10 +169,25 @@ def count_true(x: jax.Array) -> jax.Array:
   x = jnp.asarray(x)
   if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
     raise TypeError(f"x: count_true takes a bool or integer array, got dtype {x.dtype}")
-  return cpu_or_default(_cpu_count, lambda x: jnp.sum(x, dtype=jnp.int32), x.astype(jnp.int32))
+  return cpu_or_default(functools.partial(_count, cpu=True), functools.partial(_count, cpu=False),
+                        x)
 
 
-def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def count_true_each(xs: Sequence[jax.Array]) -> jax.Array:
+  """int32 ``[count_true(x) for x in xs]`` as one array, under one platform switch."""
+  xs = [jnp.asarray(x) for x in xs]
+  counts = lambda xs, cpu: jnp.stack([_count(x, cpu) for x in xs])
+  return cpu_or_default(functools.partial(counts, cpu=True), functools.partial(counts, cpu=False),
+                        xs)
+
+
+def _take(x: jax.Array, i: jax.Array) -> jax.Array:
+  """``x[g, i[g]]`` for each row g (``i`` in bounds): one gather, no index normalisation."""
+  idx = i.reshape(i.shape + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, idx, axis=1, mode="promise_in_bounds")[:, 0]
+
+
+def _bucket_of_kth(h: jax.Array, k: jax.Array, cpu: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per row g of the histogram ``h[G, 65536]``, with ``k[g]`` clipped to ``[0, sum(h[g])]``:
   the first bucket ``b`` whose running count reaches it, the count in the buckets below
   ``b``, and the clipped ``k``.
@@ -157,42 +196,16 @@ def _bucket_of_kth(h: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, ja
   a level the bucket is the count of running sums below ``k`` (256 compares, not a
   ``searchsorted`` loop). The bucket is ``searchsorted(cumsum(h), k)``.
   """
-  g = h.shape[0]
-  rows = jnp.arange(g)
-  hh = h.reshape(g, 256, 256)
-  per_row = _row_sum(hh)
-  c_row = _row_prefix_sum_256(per_row)
+  hh = h.reshape(h.shape[0], 256, 256)
+  per_row = _row_sum(hh, cpu)
+  c_row = _row_prefix_sum_256(per_row, cpu)
   k = jnp.clip(k, 0, c_row[:, 255])
-  r = jnp.minimum(_row_sum(c_row < k[:, None]), 255)
-  below_r = c_row[rows, r] - per_row[rows, r]
-  within = hh[rows, r]
-  c_in = _row_prefix_sum_256(within)
-  j = jnp.minimum(_row_sum(c_in < (k - below_r)[:, None]), 255)
-  return r * 256 + j, below_r + c_in[rows, j] - within[rows, j], k
-
-
-def _kth_keys(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
-              num_groups: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Per group g, with ``k[g]`` clipped to ``[0, count(ok & group == g)]``: the smallest
-  uint32 ``t_g`` with ``count(ok & group == g & key <= t_g) >= k[g]``.
-
-  A two-pass radix select: pass 1 histograms the high 16 bits of the valid
-  keys (one 65536-bin histogram per group, filled by scatter-adds) and
-  finds the bucket holding each group's k-th key; pass 2 histograms the low
-  16 bits inside those buckets.
-
-  Returns ``(t, k, below, at)``: the thresholds, the clipped ``k``, and per group the
-  counts of valid keys ``< t`` and ``== t`` (read off the histograms).
-  """
-  ones = [ok.astype(jnp.int32) for ok in oks]
-  his = [(key >> 16).astype(jnp.int32) for key in keys]
-  b, below_b, k = _bucket_of_kth(_histogram(his, groups, ones, num_groups), k)
-  los = [(key & 0xFFFF).astype(jnp.int32) for key in keys]
-  in_bucket = [o * (hi == _per_element(b, g)) for o, hi, g in zip(ones, his, groups)]
-  h2 = _histogram(los, groups, in_bucket, num_groups)
-  l, below_l, _ = _bucket_of_kth(h2, k - below_b)
-  t = (b.astype(jnp.uint32) << 16) | l.astype(jnp.uint32)
-  return t, k, below_b + below_l, h2[jnp.arange(num_groups), l]
+  r = jnp.minimum(_row_sum(c_row < k[:, None], cpu), 255)
+  below_r = _take(c_row - per_row, r)
+  within = _take(hh, r)
+  c_in = _row_prefix_sum_256(within, cpu)
+  j = jnp.minimum(_row_sum(c_in < (k - below_r)[:, None], cpu), 255)
+  return r * 256 + j, below_r + _take(c_in - within, j), k
 
 
 def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
@@ -260,31 +273,118 @@ def smallest_k_per_group(scores: jax.Array, groups: jax.Array, k: jax.Array,
                           jnp.asarray(k, jnp.int32), len(k))[0].reshape(jnp.shape(scores))
 
 
+# Per radix pass: which bits of the composite key (score key, flat index) are already
+# fixed (compared with the threshold), and which 16 bits the pass histograms.
+_PASS_FIXED_KEY = (0, 0xFFFF0000, 0xFFFFFFFF, 0xFFFFFFFF)
+_PASS_FIXED_INDEX = (0, 0, 0, 0xFFFF0000)
+
+
+def smallest_k_each(scores: Sequence[jax.Array], k: jax.Array,
+                    valid: Sequence[jax.Array] | None = None) -> list[jax.Array]:
+  """Per array ``i``, the mask of its ``k[i]`` smallest ``scores[i]`` among ``valid[i]``.
+
+  As :func:`smallest_k_mask` on each array, but all arrays in the same passes
+  (one histogram row per array), so a program with many layers holds one selection.
+  """
+  scores = [_as_nd(jnp.asarray(s)) for s in scores]
+  valid = [None] * len(scores) if valid is None else list(valid)
+  if len(valid) != len(scores):
+    raise ValueError(f"valid must hold one array per score array ({len(scores)}), got {len(valid)}")
+  k = jnp.asarray(k, jnp.int32)
+  if k.shape != (len(scores),):
+    raise ValueError(f"k: one count per array ({len(scores)}), got shape {k.shape}")
+  oks = [~jnp.isnan(x) if v is None else jnp.asarray(v).reshape(x.shape) & ~jnp.isnan(x)
+         for x, v in zip(scores, valid)]
+  return _select_smallest([_order_key(x) for x in scores], list(range(len(scores))), oks, k,
+                          len(scores))
+
+
+def largest_k_each(scores: Sequence[jax.Array], k: jax.Array,
+                   valid: Sequence[jax.Array] | None = None) -> list[jax.Array]:
+  """Per array ``i``, the mask of its ``k[i]`` largest ``scores[i]`` (see :func:`smallest_k_each`)."""
+  return smallest_k_each([-jnp.asarray(s).astype(jnp.float32) for s in scores], k, valid)
+
+
+def random_k_masks_each(key: jax.Array, k: jax.Array, valid: Sequence[jax.Array]
+                        ) -> list[jax.Array]:
+  """Per array ``i``, exactly ``min(k[i], count(valid[i]))`` of its valid entries, uniformly at
+  random without replacement: one draw of 32 bits per entry for all arrays, one selection."""
+  sizes = [int(np.prod(jnp.shape(v))) for v in valid]
+  bits = jax.random.bits(key, (sum(sizes),), jnp.uint32)
+  ends = np.cumsum(sizes)
+  keys = [bits[e - n:e].reshape(jnp.shape(v)) for n, e, v in zip(sizes, ends, valid)]
+  return _select_smallest([_as_nd(b) for b in keys], list(range(len(valid))),
+                          [_as_nd(jnp.asarray(v)) for v in valid], jnp.asarray(k, jnp.int32),
+                          len(valid))
+
+
 def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
                      num_groups: int) -> list[jax.Array]:
+  """See :func:`_select`; one platform switch for the whole selection."""
+  k = jnp.asarray(k, jnp.int32)
+  static = [g is None or isinstance(g, int) for g in groups]
+  arrays = [g for g, st in zip(groups, static) if not st]
+
+  def branch(keys, arrays, oks, k, cpu):
+    it = iter(arrays)   # static groups (None, int) stay Python values, not switch operands
+    gs = [g if st else next(it) for g, st in zip(groups, static)]
+    return _select(keys, gs, oks, k, num_groups=num_groups, cpu=cpu)
+
+  return cpu_or_default(functools.partial(branch, cpu=True), functools.partial(branch, cpu=False),
+                        keys, arrays, oks, k)
+
+
+def _select(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array, *,
+            num_groups: int, cpu: bool) -> list[jax.Array]:
   """Masks of the ``k[g]`` smallest uint32 ``keys`` among ``oks`` in each group, over all arrays
-  together (ties: earlier array, then lower flat index). ``groups[i]`` is None when G == 1."""
-  t, k, n_below, n_at = _kth_keys(keys, groups, oks, jnp.asarray(k, jnp.int32), num_groups)
-  below = [ok & (key < _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
-  at = [ok & (key == _per_element(t, g)) for key, g, ok in zip(keys, groups, oks)]
-  need = k - n_below
+  together (ties: earlier array, then lower flat index). ``groups[i]`` is None when G == 1,
+  an int when all of array i is one group, else an int32 array of its entries' groups.
 
-  def break_ties():
-    # Among the ties, the need[g] of lowest flat index (over all arrays in order): one more
-    # radix select, on the flat indices (distinct, so exact); histograms, not a cumsum over
-    # n, so sharded inputs are not gathered.
-    offsets = np.cumsum([0] + [a.size for a in at])
-    if offsets[-1] > np.iinfo(np.uint32).max:
-      raise ValueError(f"scores: at most 2**32 entries in all, got {offsets[-1]}")
-    idx = [_flat_index(a.shape, int(o)) for a, o in zip(at, offsets)]
-    last = _kth_keys(idx, groups, at, need, num_groups)[0]
-    return tuple(a & (i <= _per_element(last, g)) & (_per_element(need, g) > 0)
-                 for a, i, g in zip(at, idx, groups))
+  A radix select of the k-th smallest composite key ``(key, flat index)`` (distinct, so
+  the count is exact), 16 bits per pass: passes 0 and 1 fix the key's high and low
+  halves (one 65536-bin histogram per group each, filled by scatter-adds over the
+  candidates still matching the bits fixed so far, and a search for the bucket of the
+  k-th); passes 2 and 3 fix the flat index's, and run only when the ties at the key's
+  threshold do not all fit. The passes are one ``while_loop`` body, so they compile once.
+  """
+  offsets = np.cumsum([0] + [x.size for x in keys])
+  if offsets[-1] > np.iinfo(np.uint32).max:
+    raise ValueError(f"scores: at most 2**32 entries in all, got {offsets[-1]}")
+  idx = [_flat_index(x.shape, int(o)) for x, o in zip(keys, offsets)]
+  ones = [ok.astype(jnp.int32) for ok in oks]
+  fixed_key = jnp.asarray(_PASS_FIXED_KEY, jnp.uint32)
+  fixed_index = jnp.asarray(_PASS_FIXED_INDEX, jnp.uint32)
 
-  # Ties at the threshold are rare: only then pay for two more histogram passes.
-  all_fit = count_true(n_at > need) == 0
-  take_at = lax.cond(all_fit, lambda: tuple(at), break_ties)
-  return [(b | ta) & (_per_element(k, g) > 0) for b, ta, g in zip(below, take_at, groups)]
+  def body(carry):
+    p, t_key, t_index, k_rem, k_all, fits = carry
+    shift = jnp.where(p % 2 == 0, 16, 0).astype(jnp.uint32)
+    digits, weights = [], []
+    for key, i, g, one in zip(keys, idx, groups, ones):
+      match = (((key ^ _per_element(t_key, g)) & fixed_key[p]) == 0) & (
+          ((i ^ _per_element(t_index, g)) & fixed_index[p]) == 0)
+      digits.append(((jnp.where(p < 2, key, i) >> shift) & 0xFFFF).astype(jnp.int32))
+      weights.append(one * match)
+    h = _histogram(digits, groups, weights, num_groups)
+    b, below, k_clipped = _bucket_of_kth(h, k_rem, cpu)
+    k_all = jnp.where(p == 0, k_clipped, k_all)
+    need = k_clipped - below
+    bits = b.astype(jnp.uint32) << shift
+    t_key = jnp.where(p < 2, t_key | bits, t_key)
+    t_index = jnp.where(p < 2, t_index, t_index | bits)
+    # After pass 1: do all of each group's ties at its threshold key fit in what it needs?
+    fits = jnp.where(p == 1, _count(_take(h, b) > need, cpu) == 0, fits)
+    return p + 1, t_key, t_index, need, k_all, fits
+
+  zeros = jnp.zeros(num_groups, jnp.uint32)
+  init = (jnp.int32(0), zeros, zeros, jnp.asarray(k, jnp.int32), jnp.zeros(num_groups, jnp.int32),
+          jnp.bool_(False))
+  _, t_key, t_index, _, k, fits = lax.while_loop(
+      lambda c: (c[0] < 2) | ((c[0] < 4) & ~c[5]), body, init)
+  t_index = jnp.where(fits, jnp.uint32(0xFFFFFFFF), t_index)
+  return [ok & ((key < _per_element(t_key, g)) | ((key == _per_element(t_key, g))
+                                                  & (i <= _per_element(t_index, g))))
+          & (_per_element(k, g) > 0)
+          for key, i, g, ok in zip(keys, idx, groups, oks)]
 
 
 def largest_k_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
@@ -338,32 +438,74 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
   Slots from ``k`` on hold ``allowed.size`` (an out-of-range filler). Exactly
   ``min(k, count(allowed))`` distinct positions, uniformly at random without
   replacement. Fast path: rejection sampling with ``2 * size + 1024`` uniform
-  draws over the flat index range, keeping the first ``k`` draws that are
+  draws over the flat index range (``bits % n``, with the few ``bits`` past the last
+  multiple of ``n`` rejected), keeping the first ``k`` draws that are
   allowed and not repeated (the first k distinct allowed draws of an i.i.d.
   uniform sequence are a uniform k-subset); it costs O(size) work plus one
   O(n) fill. When the draws hold fewer than ``k`` such positions (rare unless
-  ``allowed`` is sparse), it falls back to :func:`random_k_mask` (O(n) passes),
-  under ``lax.cond``.
+  ``allowed`` is sparse), it falls back to a sort of ``n`` random keys (the ``k``
+  allowed positions of smallest key), under ``lax.cond``.
   """
-  n = allowed.size
-  flat = allowed.reshape(-1)
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(size, count_true(flat)))
-  draws = min(2 * size + 1024, 4 * n)
-  order = jnp.arange(draws, dtype=jnp.int32)
-  c = jax.random.randint(key, (draws,), 0, n, jnp.int32)
-  first = jnp.full((n,), draws, jnp.int32).at[c].min(order)[c] == order
-  ok = first & flat[c]
-  rank = _prefix_sum(ok.astype(jnp.int32))
+  return random_k_positions_each(key, jnp.reshape(k, (1,)), [allowed], [size])[0]
+
+
+def random_k_positions_each(key: jax.Array, k: jax.Array, allowed: Sequence[jax.Array],
+                            sizes: Sequence[int]) -> list[jax.Array]:
+  """:func:`random_k_positions` for several arrays at once: ``sizes[i]`` slots for
+  ``allowed[i]``, of which the first ``k[i]`` are filled. One set of draws over all arrays
+  (each array's draws are its own slice of them), and one fallback sort for all, so a
+  program with many layers holds these ops once."""
+  allowed = [jnp.asarray(a).reshape(-1) for a in allowed]
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != len(allowed):
+    raise ValueError(f"sizes: one per allowed array ({len(allowed)}), got {len(sizes)}")
+  n = np.array([a.size for a in allowed])
+  offsets = np.concatenate([[0], np.cumsum(n)])
+  draws = np.array([min(2 * s + 1024, 4 * m) for s, m in zip(sizes, n)])
+  starts = np.concatenate([[0], np.cumsum(draws)])
+  slot_starts = np.concatenate([[0], np.cumsum(sizes)])
+  leaf_of_draw = np.repeat(np.arange(len(n)), draws)
+  flat = jnp.concatenate(allowed) if len(allowed) > 1 else allowed[0]
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(jnp.asarray(sizes, jnp.int32),
+                                                         count_true_each(allowed)))
+  order = jnp.arange(starts[-1], dtype=jnp.int32)
+  # Uniform draws in [0, n) from 32 random bits: ``bits % n``, exactly uniform on the draws
+  # with ``bits < (2**32 // n) * n`` (the others, a fraction below n / 2**32, are rejected
+  # like repeats); cheaper to compile than jax.random.randint.
+  bits = jax.random.bits(key, order.shape, jnp.uint32)
+  fair = bits < jnp.asarray(((1 << 32) // n * n)[leaf_of_draw], jnp.uint32)
+  local = (bits % jnp.asarray(n[leaf_of_draw], jnp.uint32)).astype(jnp.int32)
+  c = jnp.where(fair, local + jnp.asarray(offsets[leaf_of_draw], jnp.int32), offsets[-1])
+  first = jnp.full((offsets[-1],), starts[-1], jnp.int32).at[c].min(order, mode="drop")
+  ok = (first.at[c].get(mode="fill", fill_value=-1) == order) & flat.at[c].get(
+      mode="fill", fill_value=False)
+  total = prefix_sum(ok.astype(jnp.int32))
+  before = jnp.concatenate([jnp.zeros(1, jnp.int32), total[starts[1:-1] - 1]])
+  at_end = total[starts[1:] - 1] - before          # distinct allowed draws of each array
+  rank = total - before.at[leaf_of_draw].get(mode="promise_in_bounds")
+  filler = jnp.asarray(np.repeat(n, sizes), jnp.int32)
 
   def fast():
-    slot = jnp.where(ok & (rank <= k), rank - 1, size)
-    return jnp.full((size,), n, jnp.int32).at[slot].set(c, mode="drop")
+    take = ok & (rank <= k.at[leaf_of_draw].get(mode="promise_in_bounds"))
+    slot = jnp.where(take, jnp.asarray(slot_starts[leaf_of_draw], jnp.int32) + rank - 1,
+                     slot_starts[-1])
+    return filler.at[slot].set(local, mode="drop")
 
   def exact():
-    chosen = random_k_mask(jax.random.fold_in(key, 1), k, allowed).reshape(-1)
-    # jnp.nonzero(chosen, size=size, fill_value=n), with a scan instead of a cumsum
-    slot = jnp.where(chosen, _prefix_sum(chosen.astype(jnp.int32)) - 1, size)
-    return jnp.full((size,), n, jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32),
-                                                       mode="drop")
+    # Per array, the k allowed positions of smallest random bits (ties: lower index), in
+    # one sort by (array, not allowed, bits): rare, so its O(n log n) does not matter,
+    # and it compiles to a handful of ops. Array i's entries sort into its own range.
+    bits = jax.random.bits(jax.random.fold_in(key, 1), flat.shape, jnp.uint32)
+    leaf = jnp.asarray(np.repeat(np.arange(len(n)), n), jnp.int32)
+    local_index = jnp.arange(offsets[-1], dtype=jnp.int32) - jnp.asarray(offsets[:-1], jnp.int32
+                                                                        ).at[leaf].get()
+    *_, idx = lax.sort((leaf, ~flat, bits, local_index), num_keys=3)
+    out = []
+    for i, (o, s) in enumerate(zip(offsets[:-1], sizes)):
+      chosen = idx[o:o + min(s, n[i])]
+      chosen = jnp.pad(chosen, (0, s - chosen.shape[0]), constant_values=n[i])
+      out.append(jnp.where(jnp.arange(s) < k[i], chosen, n[i]))
+    return jnp.concatenate(out) if len(out) > 1 else out[0]
 
-  return lax.cond(rank[-1] >= k, fast, exact)
+  slots = lax.cond(jnp.all(at_end >= k), fast, exact)
+  return [slots[a:b] for a, b in zip(slot_starts[:-1], slot_starts[1:])]

@@ -144,12 +144,23 @@ def test_selections_compile_without_reductions():
       "random_k_positions": (lambda a: topk.random_k_positions(jax.random.key(0), 30, a, 200),
                              (x > 0,)),
   }
-  from jaxsparse import core   # the finiteness check of every method's mask update
-  tree = {"w": x, "b": jnp.ones(7), "n": jnp.arange(3)}
-  fns["core._all_finite"] = (lambda t: core._all_finite(t), (tree,))
   for name, (fn, args) in fns.items():
     ops = _reduction_ops(jax.jit(fn).lower(*args).compile().as_text())
     assert not ops, f"{name}: {ops}"
+
+
+def test_finiteness_check_is_a_sum_per_float_leaf():
+  # The check in every method's mask update: one plain sum per float leaf (XLA:CPU may
+  # split a large one in two), a few computations that cost ~nothing per step and compile
+  # faster than dots or counts.
+  from jaxsparse import core
+  x = jnp.linspace(-1.0, 1.0, 3000).reshape(60, 50)
+  tree = {"w": x, "b": jnp.ones(7), "n": jnp.arange(3)}
+  ops = _reduction_ops(jax.jit(core._all_finite).lower(tree).compile().as_text())
+  assert 1 <= len(ops) <= 2 * 2, ops
+  assert bool(core._all_finite(tree))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    assert not bool(jax.jit(core._all_finite)({**tree, "b": tree["b"].at[3].set(bad)}))
 
 
 # ------------------------------------------- both lowering branches, above 2**24 entries
