@@ -207,3 +207,64 @@ def test_branches_agree_on_small_selections(branch):
                                                                       allowed, 64))
   assert len(set(pos[:50].tolist())) == 50 and np.asarray(allowed)[pos[:50]].all()
   assert (pos[50:] == 500).all()
+
+
+# ------------------------------------------- every layer in one selection
+
+_each = jax.jit(topk.smallest_k_each)
+_largest_each = jax.jit(topk.largest_k_each)
+_random_each = jax.jit(topk.random_k_masks_each)
+_positions_each = jax.jit(topk.random_k_positions_each, static_argnums=3)
+EACH_SHAPES = [(5, 9), (64,), (2, 3, 4)]
+
+
+@given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]) | st.floats(-4, 4, width=32),
+                min_size=sum(int(np.prod(s)) for s in EACH_SHAPES),
+                max_size=sum(int(np.prod(s)) for s in EACH_SHAPES)),
+       st.lists(st.integers(0, 70), min_size=3, max_size=3), st.integers(0, 2**31 - 1))
+def test_each_array_gets_its_own_k_like_the_single_selection(values, ks, seed):
+  flat = np.asarray(values, np.float32) + 0.0
+  ends = np.cumsum([int(np.prod(s)) for s in EACH_SHAPES])
+  xs = [flat[e - int(np.prod(s)):e].reshape(s) for s, e in zip(EACH_SHAPES, ends)]
+  rng = np.random.default_rng(seed)
+  valid = [rng.random(s) < 0.7 for s in EACH_SHAPES]
+  got = _each([jnp.asarray(x) for x in xs], jnp.asarray(ks, jnp.int32),
+              [jnp.asarray(v) for v in valid])
+  big = _largest_each([jnp.asarray(x) for x in xs], jnp.asarray(ks, jnp.int32),
+                      [jnp.asarray(v) for v in valid])
+  for x, v, k, g, b in zip(xs, valid, ks, got, big):
+    want = reference_smallest(x.reshape(-1), k, v.reshape(-1)).reshape(x.shape)
+    np.testing.assert_array_equal(np.asarray(g), want)
+    np.testing.assert_array_equal(
+        np.asarray(b), reference_smallest(-x.reshape(-1), k, v.reshape(-1)).reshape(x.shape))
+  rand = _random_each(jax.random.key(seed), jnp.asarray(ks, jnp.int32),
+                      [jnp.asarray(v) for v in valid])
+  for v, k, r in zip(valid, ks, rand):
+    r = np.asarray(r)
+    assert r.sum() == min(k, v.sum()) and not (r & ~v).any()
+
+
+@pytest.mark.parametrize("fraction", [0.95, 0.04])  # 0.04 allowed: the exact fallback runs
+def test_positions_each_are_distinct_allowed_and_uniform(fraction):
+  shapes, sizes = [(40, 30), (500,), (7, 7)], (60, 25, 10)
+  rng = np.random.default_rng(0)
+  allowed = [rng.random(s) < fraction for s in shapes]
+  ks = [min(s - 3, int(0.75 * a.sum())) for s, a in zip(sizes, allowed)]
+  hits = [np.zeros(int(np.prod(s))) for s in shapes]
+  for seed in range(200):
+    out = _positions_each(jax.random.key(seed), jnp.asarray(ks, jnp.int32),
+                          [jnp.asarray(a) for a in allowed], sizes)
+    for a, k, size, o, h in zip(allowed, ks, sizes, out, hits):
+      o = np.asarray(o)
+      assert o.shape == (size,)
+      chosen = o[:k]
+      assert len(set(chosen.tolist())) == k and a.reshape(-1)[chosen].all()
+      assert (o[k:] == a.size).all()
+      h[chosen] += 1
+  # uniform over the allowed positions: each is chosen in k / count(allowed) of the draws
+  for a, k, h in zip(allowed, ks, hits):
+    p = k / a.sum()
+    freq = h[a.reshape(-1)] / 200
+    assert abs(freq.mean() - p) < 1e-9
+    assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / 200) + 1e-9
+    assert not h[~a.reshape(-1)].any()
