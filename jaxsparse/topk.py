@@ -460,6 +460,8 @@ def random_k_positions_each(key: jax.Array, k: jax.Array, allowed: Sequence[jax.
   if len(sizes) != len(allowed):
     raise ValueError(f"sizes: one per allowed array ({len(allowed)}), got {len(sizes)}")
   n = np.array([a.size for a in allowed])
+  if not len(n) or (n == 0).any():
+    raise ValueError(f"allowed: one or more non-empty arrays, got sizes {n.tolist()}")
   offsets = np.concatenate([[0], np.cumsum(n)])
   draws = np.array([min(2 * s + 1024, 4 * m) for s, m in zip(sizes, n)])
   starts = np.concatenate([[0], np.cumsum(draws)])

@@ -1,6 +1,5 @@
 """End to end on real data (scikit-learn's digits): the README's main job."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -10,12 +9,10 @@ from jaxsparse import training
 
 
 def test_set_lenet300_90_percent_sparse_reaches_90_percent_on_digits():
-  t0 = time.process_time()
+  # (timings belong to experiments/bench_*: no wall-clock limit in a unit test)
   result = training.train(dataset="digits", model="lenet300", method="set", sparsity=0.9,
                           epochs=30, batch_size=32, seed=0, progress=False, log=None)
-  cpu_seconds = time.process_time() - t0
   assert result["final_test_accuracy"] >= 0.90, result["history"][-1]
-  assert cpu_seconds < 60, cpu_seconds
   assert result["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
   params = result["state"].params
   sparse_kernels = [np.asarray(params[k]["kernel"]) for k in ("fc1", "fc2", "fc3")]
