@@ -176,6 +176,11 @@ def count_true(x: jax.Array) -> jax.Array:
 def count_true_each(xs: Sequence[jax.Array]) -> jax.Array:
   """int32 ``[count_true(x) for x in xs]`` as one array, under one platform switch."""
   xs = [jnp.asarray(x) for x in xs]
+  if not xs:
+    raise ValueError("xs: count_true_each takes one or more arrays, got none")
+  for i, x in enumerate(xs):
+    if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer)):
+      raise TypeError(f"xs[{i}]: count_true_each takes bool or integer arrays, got dtype {x.dtype}")
   counts = lambda xs, cpu: jnp.stack([_count(x, cpu) for x in xs])
   return cpu_or_default(functools.partial(counts, cpu=True), functools.partial(counts, cpu=False),
                         xs)
@@ -290,13 +295,19 @@ def smallest_k_each(scores: Sequence[jax.Array], k: jax.Array,
   valid = [None] * len(scores) if valid is None else list(valid)
   if len(valid) != len(scores):
     raise ValueError(f"valid must hold one array per score array ({len(scores)}), got {len(valid)}")
-  k = jnp.asarray(k, jnp.int32)
-  if k.shape != (len(scores),):
-    raise ValueError(f"k: one count per array ({len(scores)}), got shape {k.shape}")
+  k = _counts_per_array(k, len(scores))
   oks = [~jnp.isnan(x) if v is None else jnp.asarray(v).reshape(x.shape) & ~jnp.isnan(x)
          for x, v in zip(scores, valid)]
   return _select_smallest([_order_key(x) for x in scores], list(range(len(scores))), oks, k,
                           len(scores))
+
+
+def _counts_per_array(k: jax.Array, n: int) -> jax.Array:
+  """``k`` as int32 of shape ``(n,)``: one count per array, else a ValueError naming ``k``."""
+  k = jnp.asarray(k, jnp.int32)
+  if k.shape != (n,):
+    raise ValueError(f"k: one count per array ({n}), got shape {k.shape}")
+  return k
 
 
 def largest_k_each(scores: Sequence[jax.Array], k: jax.Array,
@@ -309,13 +320,13 @@ def random_k_masks_each(key: jax.Array, k: jax.Array, valid: Sequence[jax.Array]
                         ) -> list[jax.Array]:
   """Per array ``i``, exactly ``min(k[i], count(valid[i]))`` of its valid entries, uniformly at
   random without replacement: one draw of 32 bits per entry for all arrays, one selection."""
+  k = _counts_per_array(k, len(valid))
   sizes = [int(np.prod(jnp.shape(v))) for v in valid]
   bits = jax.random.bits(key, (sum(sizes),), jnp.uint32)
   ends = np.cumsum(sizes)
   keys = [bits[e - n:e].reshape(jnp.shape(v)) for n, e, v in zip(sizes, ends, valid)]
   return _select_smallest([_as_nd(b) for b in keys], list(range(len(valid))),
-                          [_as_nd(jnp.asarray(v)) for v in valid], jnp.asarray(k, jnp.int32),
-                          len(valid))
+                          [_as_nd(jnp.asarray(v)) for v in valid], k, len(valid))
 
 
 def _select_smallest(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Array,
@@ -468,7 +479,7 @@ def random_k_positions_each(key: jax.Array, k: jax.Array, allowed: Sequence[jax.
   slot_starts = np.concatenate([[0], np.cumsum(sizes)])
   leaf_of_draw = np.repeat(np.arange(len(n)), draws)
   flat = jnp.concatenate(allowed) if len(allowed) > 1 else allowed[0]
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, jnp.minimum(jnp.asarray(sizes, jnp.int32),
+  k = jnp.clip(_counts_per_array(k, len(n)), 0, jnp.minimum(jnp.asarray(sizes, jnp.int32),
                                                          count_true_each(allowed)))
   order = jnp.arange(starts[-1], dtype=jnp.int32)
   # Uniform draws in [0, n) from 32 random bits: ``bits % n``, exactly uniform on the draws

@@ -270,3 +270,24 @@ def test_positions_each_are_distinct_allowed_and_uniform(fraction):
     assert abs(freq.mean() - p) < 1e-9
     assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / 200) + 1e-9
     assert not h[~a.reshape(-1)].any()
+
+
+def test_per_array_selections_name_their_bad_arguments():
+  xs = [jnp.ones((3, 4)), jnp.ones(5)]
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\), got shape \\(3,\\)"):
+    topk.smallest_k_each(xs, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match="valid must hold one array per score array"):
+    topk.largest_k_each(xs, jnp.array([1, 2]), [xs[0] > 0])
+  valid = [x > 0 for x in xs]
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\), got shape \\(\\)"):
+    topk.random_k_masks_each(jax.random.key(0), 3, valid)
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\)"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1]), valid, (4, 4))
+  with pytest.raises(ValueError, match="sizes: one per allowed array"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1, 1]), valid, (4,))
+  with pytest.raises(ValueError, match="allowed: one or more non-empty arrays"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1]), [jnp.ones(0, bool)], (1,))
+  with pytest.raises(TypeError, match="xs\\[1\\]: count_true_each takes bool or integer"):
+    topk.count_true_each([valid[0], xs[1]])
+  with pytest.raises(ValueError, match="xs: count_true_each takes one or more arrays"):
+    topk.count_true_each([])
