@@ -19,6 +19,7 @@ for ResNet-20) and measures, in one process:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -27,6 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.compilation_cache import compilation_cache
 
 import jaxsparse as js
 from jaxsparse import lowering, models
@@ -80,7 +82,26 @@ def train_step(model_name: str, tx: optax.GradientTransformation, batch_size: in
   return step, (params, stats, tx.init(params))
 
 
+@contextlib.contextmanager
+def no_persistent_cache():
+  """Compiles from scratch inside: a persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``,
+  as the test suite sets) would turn a timed compile into a cache read."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides whether to use the cache once, at first use
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 def measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
+  with no_persistent_cache():
+    return _measure(model_name, methods, repeats)
+
+
+def _measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
   names = ("dense",) + tuple(methods)
   steps = {n: train_step(model_name, make_method(n)) for n in names}
   times = {n: {"lower": [], "compile": []} for n in names}

@@ -25,6 +25,7 @@ first epoch with ``update_period = steps_per_epoch``), as in the paper.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -47,6 +48,7 @@ def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
   return set_drop_each([values], zeta)[0]
 
 
+@functools.partial(jax.jit, inline=True)  # one compile when called eagerly (see topk)
 def set_drop_each(values: Sequence[jax.Array], zeta: jax.Array) -> list[jax.Array]:
   """:func:`set_drop` for several layers at once, in one selection (a program with many
   layers holds it once): group ``2 l`` is layer l's positives, ``2 l + 1`` its negatives."""
@@ -104,6 +106,7 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
   return new, kept, new_active
 
 
+@functools.partial(jax.jit, inline=True)
 def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax.Array],
                     actives: Sequence[jax.Array], zeta: jax.Array,
                     grow_codes: jax.Array | None = None) -> tuple[list, list, list]:

@@ -1,6 +1,16 @@
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole test run (xdist workers and the
+# subprocesses of the multi-device tests inherit it through the environment): many tests
+# build the same train step again (a fresh jit, another seed), and XLA's compile time is
+# most of the suite's time on CPU. Tracing still runs every time, so the tests that count
+# traces to prove "no recompilation" are unaffected. A run starts with an empty cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsparse-tests-xla-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 from hypothesis import settings  # noqa: E402
 

@@ -18,3 +18,29 @@ def test_reports_compile_times_and_op_counts_against_dense(tmp_path):
   assert static["ops"] > dense["ops"] and static["cuda_ops"] > dense["cuda_ops"]
   assert json.loads(out.read_text())[0]["methods"]["static"]["ops"] == static["ops"]
   assert "| lenet300 | static |" in bench_compile.markdown(rows)
+
+
+def test_timed_compiles_skip_the_persistent_cache(tmp_path):
+  # The suite runs with a persistent compilation cache (conftest.py); a benchmark's timed
+  # compile must neither read nor fill it.
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path))
+  jax.config.update(names[1], 0)
+  compilation_cache.reset_cache()
+  try:
+    f = lambda x: jnp.sin(x) * 3.25 + jnp.cos(x) ** 2     # a program no other test builds
+    with bench_compile.no_persistent_cache():
+      jax.jit(f).lower(jnp.ones(7)).compile()
+    assert not list(tmp_path.iterdir())
+    jax.clear_caches()                                      # (in-memory caches)
+    jax.jit(f).lower(jnp.ones(7)).compile()                 # outside: cached
+    assert list(tmp_path.iterdir())
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()

@@ -9,28 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments import run, sweep
 
 # Small and quick: one epoch of a 64-32-10 MLP on the bundled digits.
 TINY = ["epochs=1", "model=mlp", 'model_kwargs={"features": [32]}']
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-  """Runs that differ only in the seed compile the same programs: compile them once."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0)
-  jax.config.update(names[2], 0)
-  compilation_cache.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
 
 
 def read_events(logdir):
