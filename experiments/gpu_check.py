@@ -1,6 +1,6 @@
 """The GPU check: correctness first, then every speed number that only a device can give.
 
-One command on an H100/H200 (at most 7 minutes: 450 s of part limits), each part in its own process
+One command on an H100/H200 (at most 9.5 minutes: 550 s of part limits), each part in its own process
 with its own time limit, so that a slow or failing part cannot eat the others:
 
     python -m experiments.gpu_check [--jaxpruner DIR] [--out results/gpu_check]
@@ -26,7 +26,14 @@ Parts, in order (``--parts`` picks some; ``--limits part=seconds`` overrides a l
    jaxpruner's SET side by side when ``--jaxpruner DIR`` names a checkout.
 6. ``mask_update`` — :mod:`experiments.bench_mask_update`: global magnitude and DSR
    reallocation at 1M/10M/100M parameters against a dense step.
-7. ``kernels_tuned`` (not run by default) — the kernel benchmark again, after
+7. ``lm_forward`` — the forward pass of a block-pruned GPT (width 2048, 4 blocks, context
+   1024, batch 8, bfloat16; random init) whose MLP layers run on the block-sparse kernel
+   (``GPT(sparse_mlp=SparseMLP(...))``, i.e. ``SparseDense``) against the same pruned model
+   run dense: the MLP kernels pruned to 90% and 50% of their 128x128 and 64x64 blocks
+   (block magnitude per layer; attention, embeddings, head dense). Logits checked against
+   a float32 dense forward first; then interleaved medians, and the FLOPs ratio
+   (``transformer.lm_flops``) as the ideal.
+8. ``kernels_tuned`` (not run by default) — the kernel benchmark again, after
    ``tune_bsr_matmul`` picks each kernel's launch config per shape.
 
 It writes ``report.md`` and ``report.json`` (and one JSON per part) under ``--out``,
@@ -48,11 +55,11 @@ import time
 from typing import Any, Callable
 
 PARTS = ("correctness", "exactness", "kernels", "torch_bsr", "steps", "mask_update",
-         "kernels_tuned")
+         "lm_forward", "kernels_tuned")
 DEFAULT_PARTS = PARTS[:-1]
-# Seconds per part, process start and compilation included; under 7 minutes in all.
+# Seconds per part, process start and compilation included; 550 s in all.
 LIMITS = dict(correctness=60, exactness=40, kernels=90, torch_bsr=40, steps=150, mask_update=50,
-              kernels_tuned=180)
+              lm_forward=120, kernels_tuned=180)
 
 
 # ------------------------------------------------------------------------- the parts
@@ -260,6 +267,126 @@ def part_mask_update(small: bool) -> dict:
   return dict(rows=rows, ok=True, markdown="\n".join(md))
 
 
+def _interleaved_ms(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+                    ) -> dict[str, float]:
+  """Median ms of each ``fn()`` (ended by ``block_until_ready``), the fns taking turns."""
+  import statistics
+  import jax
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def part_lm_forward(small: bool, save: Callable[[dict], None] | None = None) -> dict:
+  """A GPT with block-pruned MLP layers: forward on the block-sparse kernel against dense."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxsparse import transformer as tr
+  from jaxsparse.kernels import resolve_backend
+
+  be = resolve_backend()
+  if small:   # interpret mode on CPU: toy sizes
+    size = dict(width=32, depth=1, num_heads=2, context=8)
+    batch, dtype, cases, warmup, repeats = 2, jnp.float32, [(0.5, 16)], 1, 2
+  else:
+    size = dict(width=2048, depth=4, num_heads=16, context=1024)
+    batch, dtype, warmup, repeats = 8, jnp.bfloat16, 3, 10
+    cases = [(0.9, 128), (0.5, 128), (0.9, 64), (0.5, 64)]
+  model = tr.GPT(num_classes=256, **size)
+  t_len = size["context"]
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (batch, t_len)), jnp.int32)
+  # GPT-2's init, drawn by numpy (model.init would compile the forward and the RNG): weights
+  # and embeddings N(0, 0.02), norms' scales 1 and biases 0.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens[:1])["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(
+          (np.ones if path[-1].key == "scale" else np.zeros)(s.shape, np.float32) if s.ndim == 1
+          else 0.02 * rng.standard_normal(s.shape, np.float32)), shapes)
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  dense_flops = tr.lm_flops(model, params, t_len)
+  rows = []
+  for sparsity, b in cases:
+    try:
+      rows.append(_lm_case(model, size, params, tokens, forward, dense_flops.dense, sparsity, b,
+                           dtype, warmup, repeats))
+    except Exception as e:   # e.g. a kernel that does not compile: the other cases still run
+      rows.append(dict(sparsity=sparsity, block=b, ok=False, error=f"{type(e).__name__}: {e}"))
+    out = dict(rows=rows, ok=all(r["ok"] for r in rows), markdown=_lm_markdown(rows, size, batch,
+                                                                               dtype, be.name))
+    if save is not None:   # each case as it comes: a timeout keeps the finished ones
+      save(dict(out, partial=True))
+  return out
+
+
+def _lm_case(model, size: dict, params, tokens, forward, dense_flops: int, sparsity: float,
+             b: int, dtype: Any, warmup: int, repeats: int) -> dict:
+  """One row of ``lm_forward``: the MLP kernels pruned to ``sparsity`` of their b x b blocks."""
+  import jax
+  import jax.numpy as jnp
+  from jaxsparse import masks as masks_lib
+  from jaxsparse import structured
+  from jaxsparse import transformer as tr
+
+  mlp = lambda name, leaf: tr.block_filter(name, leaf) and "/mlp/" in name
+
+  @jax.jit   # one compile instead of an eager op (and its compile) per leaf
+  def prune(p):
+    masks = structured.structured_masks(jax.tree.map(jnp.abs, p), structured.blocks((b, b)),
+                                        sparsity, filter=mlp)
+    return masks, masks_lib.apply_masks(p, masks)
+
+  masks, pruned = prune(params)
+  t_len = tokens.shape[1]
+  fl = tr.lm_flops(model, pruned, t_len, masks)
+  blocks = (model.width // b) * (model.mlp_ratio * model.width // b)   # fc1's = fc2's
+  nnz = int(round((1 - sparsity) * blocks))   # exactly the kept blocks of each MLP kernel
+  sparse_model = tr.GPT(num_classes=model.num_classes, **size, sparse_mlp=tr.SparseMLP(
+      (b, b), nnz_max=nnz, mode="bsr"))
+  sparse_forward = jax.jit(lambda p, m, x: sparse_model.apply({"params": p, "masks": m}, x))
+  # Correctness first: both low-precision forwards against the float32 dense one.
+  ref = forward(pruned, tokens)
+  low = jax.jit(lambda p: jax.tree.map(lambda v: v.astype(dtype), p))(pruned)
+  y_dense, y_sparse = forward(low, tokens), sparse_forward(low, masks, tokens)
+  err_dense, err_sparse = _rel_err(y_dense, ref), _rel_err(y_sparse, ref)
+  # The MLP layers really run on the kernel: one pallas_call per MLP layer.
+  calls = str(jax.make_jaxpr(sparse_forward)(low, masks, tokens)).count("pallas_call")
+  ok = bool(err_sparse <= max(2 * err_dense, 1e-4)) and calls == 2 * model.depth
+  ms = _interleaved_ms({"dense": lambda: forward(low, tokens),
+                        "sparse": lambda: sparse_forward(low, masks, tokens)}, warmup, repeats)
+  return dict(sparsity=sparsity, block=b, nnz_blocks=nnz, of_blocks=blocks,
+              dense_ms=ms["dense"], sparse_ms=ms["sparse"], ratio=ms["dense"] / ms["sparse"],
+              ideal=dense_flops / fl.sparse, err_dense=err_dense, err_sparse=err_sparse,
+              pallas_calls=calls, ok=ok)
+
+
+def _lm_markdown(rows: list[dict], size: dict, batch: int, dtype: Any, backend: str) -> str:
+  import jax.numpy as jnp
+  head = (f"GPT width {size['width']}, {size['depth']} blocks, {size['num_heads']} heads, "
+          f"context {size['context']}, batch {batch}, {jnp.dtype(dtype).name}; MLP kernels "
+          f"block-pruned, on the block-sparse kernel (backend {backend}); ratio = dense ms / "
+          f"sparse ms; ideal = dense / sparse FLOPs (attention included)")
+  md = [head, "", "| MLP sparsity | block | kept blocks | dense ms | sparse ms | ratio | ideal | "
+        "rel. error dense / sparse |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    if "error" in r:
+      md.append(f"| {r['sparsity']:.0%} | {r['block']} | FAILED: {r['error'][:200]} | | | | | |")
+      continue
+    md.append(f"| {r['sparsity']:.0%} | {r['block']} | {r['nnz_blocks']} of {r['of_blocks']} | "
+              f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['ratio']:.2f}x | "
+              f"{r['ideal']:.2f}x | {r['err_dense']:.1e} / {r['err_sparse']:.1e}"
+              f"{'' if r['ok'] else ' FAILED'} |")
+  return "\n".join(md)
+
+
 def _run_part(name: str, small: bool, jaxpruner: str | None, path: str) -> dict:
   import jax
   dev = jax.devices()[0]
@@ -273,6 +400,7 @@ def _run_part(name: str, small: bool, jaxpruner: str | None, path: str) -> dict:
       correctness=lambda: part_correctness(small), exactness=lambda: part_exactness(small),
       kernels=lambda: part_kernels(small), torch_bsr=lambda: part_torch_bsr(small),
       steps=lambda: part_steps(small, jaxpruner, save), mask_update=lambda: part_mask_update(small),
+      lm_forward=lambda: part_lm_forward(small, save),
       kernels_tuned=lambda: part_kernels(small, tune=True))
   out = fns[name]()
   save(out)

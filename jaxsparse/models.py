@@ -18,10 +18,15 @@ The CIFAR ResNets, :class:`CifarResNet` (``"resnet20"``, He et al. 2016) and
 sparse leaves are the conv kernels and the final ``fc`` kernel.
 
 The decoder-only language model ``"gpt"`` is :class:`jaxsparse.transformer.GPT`
-(linen only; ``num_classes`` is its vocabulary size).
+(``num_classes`` is its vocabulary size; its nnx twin is
+:class:`jaxsparse.transformer.GPTNNX`, whose ``input_shape`` is ``(context,)``).
 
 Weight matrices and conv kernels are exactly the leaves named ``kernel`` of
-rank >= 2, the usual target of sparsification.
+rank >= 2, the usual target of sparsification, and the methods' default
+filter selects every leaf of rank >= 2. A model whose sparse leaves are fewer
+names its own filter in :data:`SPARSE_FILTERS` (the GPT: its Dense kernels, so
+that its embeddings stay dense); :func:`default_sparse_filter` looks it up and
+:func:`jaxsparse.training.make_method` uses it when no ``filter`` is given.
 
 All models take NHWC images (or any ``(N, ...)`` array for the MLPs) and
 return logits; ``__call__(x, train=False)``: ``train`` only matters with
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -333,6 +338,22 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 """Model name -> flax.linen class."""
 
+SPARSE_FILTERS: dict[str, Callable[[str, Any], bool]] = {
+    "gpt": _transformer.sparse_filter,   # Dense kernels; embeddings and norms stay dense
+}
+"""Model name -> its default sparse-leaf filter, for the models where it is not every leaf of
+rank >= 2 (:func:`jaxsparse.default_filter`, the methods' default)."""
+
+
+def default_sparse_filter(name: str) -> Callable[[str, Any], bool] | None:
+  """Model ``name``'s default filter of sparse leaves, or None for the methods' default.
+
+  Raises:
+    ValueError: for an unknown ``name`` (the message lists the known names).
+  """
+  _lookup(MODELS, name)
+  return SPARSE_FILTERS.get(name)
+
 
 def _lookup(registry: dict[str, Any], name: str) -> Any:
   if name not in registry:
@@ -433,10 +454,18 @@ class LeNet5CaffeNNX(nnx.Module):
     return self.fc2(nnx.relu(self.fc1(x)))
 
 
-NNX_MODELS: dict[str, type[nnx.Module]] = {
+def _gpt_nnx(input_shape: Sequence[int], num_classes: int = 256, *, rngs: nnx.Rngs,
+             **kwargs: Any) -> _transformer.GPTNNX:
+  """:class:`jaxsparse.transformer.GPTNNX`; ``input_shape`` is ``(seq_len,)``, the default context."""
+  kwargs.setdefault("context", int(input_shape[-1]))
+  return _transformer.GPTNNX(num_classes, rngs=rngs, **kwargs)
+
+
+NNX_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lenet300": LeNet300100NNX,
     "lenet5": LeNet5CaffeNNX,
     "mlp": MLPNNX,
+    "gpt": _gpt_nnx,
 }
 """Model name -> flax.nnx class (same names as :data:`MODELS`)."""
 

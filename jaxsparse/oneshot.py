@@ -507,9 +507,16 @@ def _get_leaf(tree: Any, name: str) -> Any:
 
 
 def _keep_sharding(new: jax.Array, old: Any) -> jax.Array:
-  """``new`` placed like ``old`` (a sharded kernel stays sharded the same way)."""
+  """``new`` placed like ``old`` (a sharded kernel stays sharded the same way).
+
+  On one device ``new`` already lies where ``old`` does; it is left uncommitted, as the
+  params it joins are, so that a jitted function of the pruned params (a perplexity)
+  reuses its compilation for the dense ones.
+  """
   sharding = getattr(old, "sharding", None)
-  return new if sharding is None else jax.device_put(new, sharding)
+  if sharding is None or len(sharding.device_set) == 1:
+    return new
+  return jax.device_put(new, sharding)
 
 
 def prune(stages: Sequence[Any], params: Any, inputs: jax.Array, method: str, *,

@@ -49,7 +49,7 @@ def make_optimizer(name: str, learning_rate: float | optax.Schedule, *, momentum
 
 
 def make_method(name: str, inner: optax.GradientTransformation, sparsity: float, *,
-                total_steps: int, steps_per_epoch: int, seed: int = 0,
+                total_steps: int, steps_per_epoch: int, seed: int = 0, model: str | None = None,
                 **kwargs: Any) -> optax.GradientTransformationExtraArgs:
   """A jaxsparse method by name with the defaults of its paper, scaled to the run.
 
@@ -69,12 +69,20 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
   ``l1``, ``temperature`` and ``learning_rate``); an argument the method does not
   take is a TypeError naming it and the closest one it takes. ``dense`` has none
   and ignores ``kwargs`` (a sweep passes the sparse methods' to its baseline).
+
+  ``model``, a registry name, picks the sparse leaves when ``kwargs`` give no
+  ``filter``: that model's default filter (:func:`jaxsparse.models.default_sparse_filter`;
+  for ``"gpt"`` the Dense kernels, so its embeddings and norms stay dense), else the
+  methods' own (every leaf of rank >= 2). An explicit ``filter`` wins.
   """
   if name not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
   if name == "dense":  # no hyperparameters: kwargs meant for the sparse methods of a sweep
     return static.dense(inner)
   _check_method_kwargs(name, kwargs)
+  model_filter = None if model is None else models.default_sparse_filter(model)
+  if model_filter is not None and kwargs.get("filter") is None:
+    kwargs = {**kwargs, "filter": model_filter}
   if name == "static":
     return static.static_sparse(inner, sparsity, **{"distribution": "er", "seed": seed, **kwargs})
   if name == "set":
@@ -260,6 +268,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   seconds, final accuracy, per-layer kept counts and the mean seconds per epoch
   (the first epoch, which includes compilation, is reported separately).
   ``steps_per_call`` is :func:`make_train_epoch`'s (e.g. 5 for conv nets on CPU).
+  The sparse leaves are ``model``'s default (:func:`make_method`'s ``model``) unless
+  ``method_kwargs`` give a ``filter``.
 
   Reliability hooks (all off by default; note that ``stop_on_nan`` is off here
   while ``python -m experiments.run`` turns it on):
@@ -306,7 +316,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   if method == "deepr":
     method_kwargs = {"learning_rate": lr, **(method_kwargs or {})}
   tx = make_method(method, inner, sparsity, total_steps=total_steps,
-                   steps_per_epoch=steps_per_epoch, seed=seed, **(method_kwargs or {}))
+                   steps_per_epoch=steps_per_epoch, seed=seed, model=model,
+                   **(method_kwargs or {}))
   opt_state = tx.init(params)
   params = masks_lib.apply_masks(params, core.get_masks(opt_state))
   state = TrainState(params, batch_stats, opt_state)

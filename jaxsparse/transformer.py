@@ -1,4 +1,5 @@
-"""A GPT-style decoder-only language model in flax.linen, and what one-shot pruning needs of it.
+"""A GPT-style decoder-only language model in flax.linen (and a flax.nnx twin), and what one-shot
+pruning needs of it.
 
 :class:`GPT` (registry name ``"gpt"``): token + learned position embeddings,
 ``depth`` pre-norm blocks ``x += attn(ln1(x)); x += mlp(ln2(x))`` with causal
@@ -20,6 +21,17 @@ as SparseGPT and Wanda do.
 :func:`stages` splits the model into the pure functions the layer-by-layer
 calibration runs one after the other: the embedding, then each block.
 
+Block-sparse MLP: ``GPT(..., sparse_mlp=SparseMLP(block_shape=(128, 128), nnz_max=...))``
+builds ``mlp/fc1`` and ``mlp/fc2`` as :class:`jaxsparse.kernels.SparseDense` (same ``kernel``
+leaves), which read their masks from the ``"masks"`` collection:
+``model.apply({"params": params, "masks": masks}, tokens)``. Prune with the plain GPT (the
+one-shot pruners record ``nn.Dense`` inputs), then run the same params and masks on it.
+
+:class:`GPTNNX` is the flax.nnx twin: the same modules under the same names, so
+``nnx.state(model, nnx.Param)`` has exactly the linen params' leaves and shapes
+(``state = nnx.state(model, nnx.Param); nnx.replace_by_pure_dict(state, linen_params);
+nnx.update(model, state)`` copies them over).
+
 FLOPs: ``js.count_flops(model, params, (seq_len,), masks)`` counts the Dense
 kernels at every position; :func:`lm_flops` adds the attention's two
 ``T x T`` matmuls per block, which no mask changes.
@@ -37,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxsparse import flops as flops_lib
 
@@ -79,27 +92,54 @@ class Block(nn.Module):
   mlp_ratio: int = 4
   use_bias: bool = False
   out_std: float = _INIT_STD
+  sparse_mlp: SparseMLP | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + CausalSelfAttention(self.num_heads, self.use_bias, self.out_std, name="attn")(
         nn.LayerNorm(name="ln1")(x))
-    return x + FeedForward(self.mlp_ratio, self.use_bias, self.out_std, name="mlp")(
-        nn.LayerNorm(name="ln2")(x))
+    return x + FeedForward(self.mlp_ratio, self.use_bias, self.out_std, self.sparse_mlp,
+                           name="mlp")(nn.LayerNorm(name="ln2")(x))
+
+
+class SparseMLP(NamedTuple):
+  """How a :class:`GPT`'s ``mlp/fc1`` and ``mlp/fc2`` run on the block-sparse kernel
+  (:class:`jaxsparse.kernels.SparseDense`'s arguments; see :func:`jaxsparse.kernels.choose_path`).
+
+  Attributes:
+    block_shape: ``(bk, bn)``, dividing both kernels' shapes.
+    nnz_max: the block budget of each layer (fc1 and fc2 have the same number of blocks
+      for square blocks); None: every block (then ``mode="auto"`` takes the dense path).
+    mode: ``"auto"``, ``"bsr"`` or ``"masked_dense"``.
+    backend: the kernel backend (None: Triton on GPU, interpret mode on CPU).
+  """
+  block_shape: tuple[int, int] = (64, 64)
+  nnz_max: int | None = None
+  mode: str = "auto"
+  backend: str | None = None
 
 
 class FeedForward(nn.Module):
-  """``fc2(gelu(fc1(x)))``, hidden width ``mlp_ratio * D``."""
+  """``fc2(gelu(fc1(x)))``, hidden width ``mlp_ratio * D``; ``sparse``: fc1, fc2 as SparseDense."""
 
   mlp_ratio: int
   use_bias: bool
   out_std: float
+  sparse: SparseMLP | None = None
+
+  def _layer(self, features: int, name: str, std: float) -> nn.Module:
+    if self.sparse is None:
+      return _dense(features, name, self.use_bias, std)
+    from jaxsparse.kernels import SparseDense  # late: the kernels import Pallas
+    return SparseDense(features, tuple(self.sparse.block_shape), self.sparse.nnz_max,
+                       self.sparse.mode, self.sparse.backend, use_bias=self.use_bias,
+                       kernel_init=nn.initializers.normal(std), name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    h = nn.gelu(_dense(self.mlp_ratio * d, "fc1", self.use_bias)(x))
-    return _dense(d, "fc2", self.use_bias, self.out_std)(h)
+    h = nn.gelu(self._layer(self.mlp_ratio * d, "fc1", _INIT_STD)(x))
+    return self._layer(d, "fc2", self.out_std)(h)
 
 
 class GPT(nn.Module):
@@ -114,6 +154,8 @@ class GPT(nn.Module):
     mlp_ratio: the MLP's hidden width is ``mlp_ratio * width``.
     tie_embeddings: logits from the transposed token embedding instead of ``head``.
     use_bias: biases in the Dense layers.
+    sparse_mlp: a :class:`SparseMLP`: the MLP layers run on the block-sparse kernel with
+      the masks passed as the ``"masks"`` collection (same params as without it).
 
   Residual output projections (``attn/out``, ``mlp/fc2``) start at std
   ``0.02 / sqrt(2 depth)`` (GPT-2), the other Dense kernels and the embeddings at 0.02.
@@ -127,14 +169,10 @@ class GPT(nn.Module):
   mlp_ratio: int = 4
   tie_embeddings: bool = False
   use_bias: bool = False
+  sparse_mlp: SparseMLP | None = None
 
   def setup(self):
-    for field in ("num_classes", "context", "width", "depth", "num_heads", "mlp_ratio"):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{field} must be a positive int, got {value!r}")
-    if self.width % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} does not divide width={self.width}")
+    _check_config(self)
     init = nn.initializers.normal(_INIT_STD)
     self.embed = nn.Embed(self.num_classes, self.width, embedding_init=init)
     self.pos_embed = self.param("pos_embed", init, (self.context, self.width))
@@ -169,6 +207,20 @@ class GPT(nn.Module):
     return self.logits(x)
 
 
+def _check_config(model: Any) -> None:
+  """The size arguments of :class:`GPT` / :class:`GPTNNX`, each error naming its argument."""
+  for field in ("num_classes", "context", "width", "depth", "num_heads", "mlp_ratio"):
+    value = getattr(model, field)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+      raise ValueError(f"{field} must be a positive int, got {value!r}")
+  if model.width % model.num_heads:
+    raise ValueError(f"num_heads={model.num_heads} does not divide width={model.width}")
+  sparse = getattr(model, "sparse_mlp", None)
+  if sparse is not None and not isinstance(sparse, SparseMLP):
+    raise TypeError(f"sparse_mlp must be a jaxsparse.transformer.SparseMLP or None, got "
+                    f"{sparse!r}")
+
+
 def sparse_filter(name: str, leaf: Any) -> bool:
   """The Dense kernels (leaves ``.../kernel`` of rank 2); embeddings, norms and biases stay dense."""
   return name.split("/")[-1] == "kernel" and jnp.ndim(leaf) == 2
@@ -182,7 +234,7 @@ def block_filter(name: str, leaf: Any) -> bool:
 def _block(model: "GPT") -> Block:
   """A block of ``model`` (unbound: the same module for every block)."""
   return Block(model.num_heads, model.mlp_ratio, model.use_bias,
-               _INIT_STD / math.sqrt(2 * model.depth))
+               _INIT_STD / math.sqrt(2 * model.depth), model.sparse_mlp)
 
 
 class Stage(NamedTuple):
@@ -223,9 +275,125 @@ def stages(model: GPT) -> list[Stage]:
   """
   if not isinstance(model, GPT):
     raise TypeError(f"model must be a jaxsparse.transformer.GPT, got {type(model).__name__}")
+  if model.sparse_mlp is not None:
+    raise ValueError("model: the one-shot pruners record nn.Dense inputs, and sparse_mlp makes "
+                     "the MLP SparseDense; calibrate the same GPT without sparse_mlp (the params "
+                     "and masks are the same)")
   block = _BlockStage(_block(model))
   return [Stage("embed", _EmbedStage(model))] + [
       Stage(f"blocks_{i}", block, f"blocks_{i}") for i in range(model.depth)]
+
+
+# ------------------------------------------------------------------ flax.nnx twin
+
+
+def _linear(d_in: int, d_out: int, use_bias: bool, rngs: nnx.Rngs,
+            std: float = _INIT_STD) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=nnx.initializers.normal(std),
+                    rngs=rngs)
+
+
+class CausalSelfAttentionNNX(nnx.Module):
+  """nnx twin of :class:`CausalSelfAttention`: ``query``, ``key``, ``value``, ``out``."""
+
+  def __init__(self, width: int, num_heads: int, *, use_bias: bool = False,
+               out_std: float = _INIT_STD, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.query = _linear(width, width, use_bias, rngs)
+    self.key = _linear(width, width, use_bias, rngs)
+    self.value = _linear(width, width, use_bias, rngs)
+    self.out = _linear(width, width, use_bias, rngs, out_std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    hd = d // self.num_heads
+    split = lambda y: y.reshape(b, t, self.num_heads, hd)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d))
+
+
+class FeedForwardNNX(nnx.Module):
+  """nnx twin of :class:`FeedForward`: ``fc1``, ``fc2``."""
+
+  def __init__(self, width: int, mlp_ratio: int, *, use_bias: bool = False,
+               out_std: float = _INIT_STD, rngs: nnx.Rngs):
+    self.fc1 = _linear(width, mlp_ratio * width, use_bias, rngs)
+    self.fc2 = _linear(mlp_ratio * width, width, use_bias, rngs, out_std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(nnx.gelu(self.fc1(x)))
+
+
+class BlockNNX(nnx.Module):
+  """nnx twin of :class:`Block`: ``ln1``, ``attn``, ``ln2``, ``mlp``."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: int = 4, *, use_bias: bool = False,
+               out_std: float = _INIT_STD, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+    self.attn = CausalSelfAttentionNNX(width, num_heads, use_bias=use_bias, out_std=out_std,
+                                       rngs=rngs)
+    self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+    self.mlp = FeedForwardNNX(width, mlp_ratio, use_bias=use_bias, out_std=out_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x))
+    return x + self.mlp(self.ln2(x))
+
+
+class GPTNNX(nnx.Module):
+  """nnx twin of :class:`GPT` (same arguments, plus ``rngs``); ``__call__(tokens, train=False)``.
+
+  Its Param leaves are the linen GPT's, with the same names and shapes (``embed/embedding``,
+  ``pos_embed``, ``blocks_i/...``, ``ln_f``, ``head/kernel``), so :func:`sparse_filter` and
+  :func:`block_filter` select the same kernels, and linen params load into it (the same
+  logits) with ``nnx.replace_by_pure_dict(state, params)`` on ``state = nnx.state(model,
+  nnx.Param)``, then ``nnx.update(model, state)``. The same initializers, but not
+  the same random draws as linen's ``init``. Train it with any jaxsparse method through
+  ``nnx.Optimizer(model, js.rigl(..., filter=sparse_filter), wrt=nnx.Param)``.
+  """
+
+  def __init__(self, num_classes: int = 256, context: int = 128, width: int = 128,
+               depth: int = 2, num_heads: int = 4, mlp_ratio: int = 4,
+               tie_embeddings: bool = False, use_bias: bool = False, *, rngs: nnx.Rngs):
+    self.num_classes, self.context, self.width, self.depth = num_classes, context, width, depth
+    self.num_heads, self.mlp_ratio = num_heads, mlp_ratio
+    self.tie_embeddings, self.use_bias = tie_embeddings, use_bias
+    _check_config(self)
+    init = nnx.initializers.normal(_INIT_STD)
+    self.embed = nnx.Embed(num_classes, width, embedding_init=init, rngs=rngs)
+    self.pos_embed = nnx.Param(init(rngs.params(), (context, width)))
+    out_std = _INIT_STD / math.sqrt(2 * depth)
+    for i in range(depth):  # blocks_i attributes: the linen GPT's names
+      setattr(self, f"blocks_{i}", BlockNNX(width, num_heads, mlp_ratio, use_bias=use_bias,
+                                            out_std=out_std, rngs=rngs))
+    self.ln_f = nnx.LayerNorm(width, rngs=rngs)
+    if not tie_embeddings:
+      self.head = _linear(width, num_classes, False, rngs)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Token plus position embeddings of ``tokens`` (B, T), T <= ``context``."""
+    if tokens.ndim != 2:
+      raise ValueError(f"inputs: expected tokens of shape (batch, seq_len), got {tokens.shape}")
+    if tokens.shape[1] > self.context:
+      raise ValueError(f"inputs: sequences of {tokens.shape[1]} tokens are longer than the "
+                       f"model's context={self.context}")
+    return self.embed(tokens.astype(jnp.int32)) + self.pos_embed[:tokens.shape[1]]
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The final LayerNorm and the output layer."""
+    x = self.ln_f(x)
+    return self.embed.attend(x) if self.tie_embeddings else self.head(x)
+
+  def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no dropout, no batch statistics
+    x = self.embed_tokens(tokens)
+    for i in range(self.depth):
+      x = getattr(self, f"blocks_{i}")(x)
+    return self.logits(x)
 
 
 # ------------------------------------------------------------------ loss, perplexity, training

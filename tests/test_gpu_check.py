@@ -26,3 +26,16 @@ def test_bad_arguments_name_the_flag(capsys):
   with pytest.raises(SystemExit):
     gpu_check.main(["--jaxpruner", "/nonexistent/jaxpruner"])
   assert "--jaxpruner" in capsys.readouterr().err
+
+
+def test_lm_forward_small_runs_the_pruned_mlp_on_the_block_sparse_kernel():
+  """``--small --parts lm_forward``'s work, in this process (interpret mode on the CPU)."""
+  out = gpu_check.part_lm_forward(small=True)
+  assert out["ok"] is True and len(out["rows"]) == 1, out["rows"]
+  row = out["rows"][0]
+  assert (row["nnz_blocks"], row["of_blocks"]) == (8, 16)   # 50% of fc1's 2 x 8 blocks of 16x16
+  assert row["pallas_calls"] == 2                             # fc1 and fc2 of the one block
+  assert row["err_sparse"] < 1e-5                             # float32: the same logits as dense
+  # FLOPs: the MLP is 2/3 of the block's Dense FLOPs; half of it goes.
+  assert 1.2 < row["ideal"] < 1.5
+  assert "| 50% | 16 | 8 of 16 |" in out["markdown"]

@@ -210,7 +210,7 @@ def test_registry_and_unknown_names():
   assert models.MODELS == {"lenet300": models.LeNet300100, "lenet5": models.LeNet5Caffe,
                            "mlp": models.MLP, "resnet20": models.CifarResNet,
                            "wrn": models.WideResNet, "gpt": transformer.GPT}
-  assert set(models.NNX_MODELS) == set(models.MODELS) - {"resnet20", "wrn", "gpt"}  # linen only
+  assert set(models.NNX_MODELS) == set(models.MODELS) - {"resnet20", "wrn"}  # linen only
   assert isinstance(models.create_model("lenet5", 3, padding="SAME"), models.LeNet5Caffe)
   with pytest.raises(ValueError, match=r"known names.*lenet300.*lenet5.*mlp"):
     models.create_model("resnet50", 10)
