@@ -27,4 +27,24 @@ from jaxsparse.sparse_evolutionary import set  # noqa: A004 (the method's name i
 from jaxsparse.static import dense, keep_masks, static_sparse
 from jaxsparse.structured import filter_l1_masks, nm_masks, propagate_channels, slimming_masks
 
+
+# What `from jaxsparse import *` binds: the public functions and classes, not the submodules
+# (`masks`, `static`, ... would take common variable names), and not `set` (SET: `js.set`),
+# which would rebind the builtin in the importer's namespace.
+__all__ = [
+    "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear",
+    "SparseState", "add_group_lasso", "add_l1", "add_langevin_noise", "apply_masks",
+    "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
+    "count_flops", "count_leaves", "deep_r", "deep_r_optimizer", "default_filter", "dense",
+    "densities", "dsr", "dynamic_sparse", "export_sparse", "filter_l1_masks", "flops_summary",
+    "get_masks", "get_sparse_state", "gradual_pruning", "grasp_masks", "group_lasso_proximal",
+    "keep_masks", "kept_counts", "l1_proximal", "load_masks", "magnitude_masks",
+    "magnitude_pruning", "nm_masks", "obd_scores", "obs_prune", "owl_sparsities",
+    "propagate_channels", "random_pruning", "rewind", "rigl", "score_masks", "score_pruning",
+    "select_leaves", "sensitivity_decay", "slimming_masks", "snfs", "snip_masks",
+    "sparse_inference", "sparse_transform", "sparsegpt", "sparsity", "static_sparse",
+    "storage_sizes", "storage_summary", "summary", "synflow_masks", "threshold_and_freeze",
+    "topk_gradients", "total_flops", "wanda_mask"
+]
+
 __version__ = "0.1.0"

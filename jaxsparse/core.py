@@ -152,11 +152,6 @@ UpdateMasks = Callable[[MaskUpdateInputs], MaskUpdate]
 Track = Callable[[Any, Params, Masks], Any]
 
 
-def map_sparse(fn: Callable[..., jax.Array], masks: Masks, *trees: Any) -> Masks:
-  """``fn(mask, *leaves)`` on sparse leaves; dense leaves keep their scalar mask."""
-  return jax.tree.map(lambda m, *xs: fn(m, *xs) if jnp.ndim(m) else m, masks, *trees)
-
-
 def masks_from_fn(params: Params, sparse_names: Any, fn: Callable[[str, jax.Array, int], jax.Array]
                   ) -> Masks:
   """Builds a mask tree: ``fn(name, leaf, index)`` for leaves in ``sparse_names``, else dense."""

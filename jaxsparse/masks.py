@@ -24,10 +24,6 @@ import numpy as np
 Params = Any
 Masks = Any
 
-DENSE = True
-"""The mask value of a dense leaf: ``jnp.asarray(True)`` (shape ``()``)."""
-
-
 def dense_mask() -> jax.Array:
   """Returns the scalar ``True`` mask that marks a leaf as dense."""
   return jnp.asarray(True)
@@ -186,21 +182,6 @@ def _stray_message(counts: list[LeafCount]) -> str | None:
           "its inner optimizer.")
 
 
-def kept_counts(masks: Masks, params: Params | None = None) -> Any:
-  """Per-leaf number of kept weights as a tree of int32 scalars (jit-able).
-
-  Dense leaves count their full size, which needs ``params`` for the shape;
-  without ``params`` a dense leaf counts as 0.
-  """
-  if params is None:
-    return jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(0), masks)
-  check_masks(params, masks)
-  _, m_leaves, treedef = flatten_named(masks)
-  return jax.tree.unflatten(treedef, [
-      jnp.sum(m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(jnp.size(p))
-      for p, m in zip(flatten_named(params)[1], m_leaves)])
-
-
 def sparsity(params: Params, masks: Masks, *, sparse_only: bool = True) -> float:
   """Fraction of removed weights (masked *and* zero in ``params``), over the sparse
   leaves (default) or all leaves. Warns when masked weights are non-zero in ``params``."""
@@ -211,11 +192,6 @@ def sparsity(params: Params, masks: Masks, *, sparse_only: bool = True) -> float
   counts = [c for c in counts if c.sparse or not sparse_only]
   total = sum(c.total for c in counts)
   return 1.0 - sum(c.kept for c in counts) / total if total else 0.0
-
-
-def nonzero_sparsity(params: Params) -> dict[str, float]:
-  """Per-leaf fraction of weights that are exactly zero in ``params`` itself."""
-  return {n: float(jnp.mean(p == 0)) for n, p in zip(leaf_names(params), jax.tree.leaves(params))}
 
 
 def summary(params: Params, masks: Masks) -> str:
