@@ -3,7 +3,7 @@
   python -m experiments.pruning --out-dir results/pruning \
       --dataset fashion_mnist --models lenet300 --sparsities 0.9 0.95 0.98 --seeds 0 1 --epochs 8
 
-Methods (REFERENCES.md "Pruning criteria"):
+Methods (the papers are cited in :mod:`jaxsparse.criteria`):
 
 * ``random``: random per-layer masks at init, trained (baseline).
 * ``gradual``: Zhu & Gupta gradual magnitude pruning during the run.

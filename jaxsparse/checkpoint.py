@@ -25,17 +25,29 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxsparse import masks as masks_lib
 
+if TYPE_CHECKING:  # for the annotations only
+  import orbax.checkpoint as ocp
+
 STATE = "state"
 META = "meta"
+
+
+def _ocp():
+  """orbax.checkpoint, imported on first use: it is not part of jaxsparse's base install."""
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("jaxsparse.checkpoint needs orbax-checkpoint: "
+                      "pip install 'jaxsparse[experiments]'") from e
+  return ocp
 
 
 class Restored(NamedTuple):
@@ -78,9 +90,9 @@ def _unflatten(template: Any, arrays: dict[str, Any]) -> Any:
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
   """An orbax ``CheckpointManager`` over ``directory`` (created if needed), saving synchronously."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+  options = _ocp().CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
+  return _ocp().CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
                                item_names=(STATE, META))
 
 
@@ -97,16 +109,16 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, *, history: list,
   """Saves ``state`` after ``epoch`` finished epochs (blocks until the checkpoint is on disk)."""
   arrays, specs = _flatten(state)
   meta = dict(epoch=int(epoch), history=list(history), config=dict(config), leaves=specs)
-  mngr.save(int(epoch), args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(meta)}))
+  mngr.save(int(epoch), args=_ocp().args.Composite(**{
+      STATE: _ocp().args.StandardSave(arrays), META: _ocp().args.JsonSave(meta)}))
   mngr.wait_until_finished()
 
 
 def _restore_arrays(mngr: ocp.CheckpointManager, step: int, specs: list[dict]) -> dict[str, Any]:
   abstract = {f"leaf_{i:06d}": jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
               for i, s in enumerate(specs)}
-  return mngr.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+  return mngr.restore(step, args=_ocp().args.Composite(**{
+      STATE: _ocp().args.StandardRestore(abstract)}))[STATE]
 
 
 def config_changes(old: dict, new: dict) -> str:
@@ -133,7 +145,7 @@ def restore(mngr: ocp.CheckpointManager, template: Any, *, config: dict | None =
   step = mngr.latest_step() if epoch is None else int(epoch)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-  meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  meta = mngr.restore(step, args=_ocp().args.Composite(**{META: _ocp().args.JsonRestore()}))[META]
   _, specs = _flatten(template)
   if specs != meta["leaves"]:
     old = {s["name"]: s for s in meta["leaves"]}
@@ -168,7 +180,7 @@ def read(directory: str | os.PathLike, epoch: int | None = None
     step = mngr.latest_step() if epoch is None else int(epoch)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    meta = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    meta = mngr.restore(step, args=_ocp().args.Composite(**{META: _ocp().args.JsonRestore()}))[META]
     specs = meta["leaves"]
     arrays = _restore_arrays(mngr, step, specs)
   return {s["name"]: np.asarray(arrays[f"leaf_{i:06d}"]) for i, s in enumerate(specs)}, meta

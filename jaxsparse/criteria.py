@@ -6,7 +6,7 @@ params. The convention is the one of :func:`jaxsparse.magnitude.prune_to_fractio
 (one-shot, local or global) or used inside training by :func:`score_pruning`
 (one-shot at a step or gradual, like :func:`jaxsparse.magnitude_pruning`).
 
-Criteria (see REFERENCES.md, "Pruning criteria"):
+Criteria:
 
 * SNIP (Lee et al. 2019, eq. 6): ``|theta * dL/dtheta|`` on one batch at init.
 * GraSP (Wang et al. 2020, eq. 8): ``S = -theta * (H g)``; the paper removes the

@@ -280,8 +280,12 @@ def load_digits(*, data_dir: str | None = None, source: str = "auto", seed: int 
   if source == "tfds":
     raise ValueError("source='tfds' is not available for 'digits' (it ships with scikit-learn); "
                      "use source='auto' or 'local'.")
-  from sklearn.datasets import load_digits as sk_load_digits  # pylint: disable=g-import-not-at-top
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  try:  # scikit-learn is not part of jaxsparse's base install
+    from sklearn.datasets import load_digits as sk_load_digits  # pylint: disable=g-import-not-at-top
+    from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the 'digits' dataset needs scikit-learn: "
+                      "pip install 'jaxsparse[experiments]'") from e
 
   digits = sk_load_digits()
   x = digits.images.astype(np.float32) / np.float32(16.0)

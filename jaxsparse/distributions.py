@@ -4,7 +4,7 @@ Everything here runs once, on the host, from the params' *shapes*: the result
 is a static per-leaf count of kept weights, so masks keep static shapes and a
 mask update never recompiles.
 
-Distributions (see REFERENCES.md, "Layer density"):
+Distributions:
 
 * ``uniform``: every sparse leaf gets the same sparsity.
 * ``er``: Erdos-Renyi of SET (Mocanu et al. 2018, eq. 1): density

@@ -1,7 +1,7 @@
 """Storage formats of a masked model: their cost in bits and exports for inference.
 
-For an ``r x c`` matrix with ``k`` kept weights of ``b`` bits each (REFERENCES,
-"Storage formats"; ``lg(n) = ceil(log2(n))``):
+For an ``r x c`` matrix with ``k`` kept weights of ``b`` bits each (values plus
+index bits; ``lg(n) = ceil(log2(n))``):
 
 * dense:  ``r * c * b``
 * bitmap: ``r * c + k * b``

@@ -11,7 +11,7 @@ Two kinds of transform, modelled on ``optax.add_decayed_weights``:
   The proximal ones soft-threshold ``v = params + updates`` (proximal gradient
   descent), which leaves exact zeros.
 
-Penalties (REFERENCES.md, "Regularisers and Bayesian sparsity"):
+Penalties (Tibshirani 1996 for L1):
 L1 ``lam * sum |w|``; group lasso ``lam * sum_g ||w_g||_2`` (Yuan & Lin 2006;
 groups are output neurons/filters, input neurons, or a user grouping).
 

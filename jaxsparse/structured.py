@@ -18,7 +18,7 @@ kernels ``(kh, kw, in, out)``):
 * :func:`input_neurons`: whole input neurons / input channels (axis -2).
 * :func:`blocks`: rectangular blocks of the trailing axes (block shape given).
 * :func:`nm_mask`: N:M, the N largest of every M consecutive weights along
-  the input axis (Mishra et al. 2021; REFERENCES.md "Structured").
+  the input axis (Mishra et al. 2021).
 
 Network slimming (Liu et al. 2017): :func:`bn_scale_l1` adds the subgradient of
 ``lambda * sum |gamma|`` over BatchNorm scales to the gradients (an optax

@@ -353,7 +353,11 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   key = jax.random.key(seed)
   epoch_iter = range(start, epochs)
   if progress:
-    from tqdm.auto import tqdm
+    try:  # tqdm is not part of jaxsparse's base install
+      from tqdm.auto import tqdm
+    except ImportError as e:
+      raise ImportError("progress=True needs tqdm: pip install 'jaxsparse[experiments]' "
+                        "(or pass progress=False)") from e
     epoch_iter = tqdm(epoch_iter, desc=f"{method} {model} {dataset}", unit="epoch",
                       initial=start, total=epochs)
   for epoch in epoch_iter:
