@@ -45,7 +45,6 @@ Scores = Any
 LossFn = Callable[[Params, Batch], jax.Array]
 ScoreFn = Callable[[core.MaskUpdateInputs], Scores]
 
-_SCOPES = ("local", "global")
 CURVATURES = ("fisher", "hutchinson")
 
 
@@ -77,8 +76,7 @@ def check_loss(loss_fn: LossFn, params: Params, batch: Batch) -> None:
 
 
 def _check_scope(scope: str) -> None:
-  if scope not in _SCOPES:
-    raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+  masks_lib.check_scope(scope)
 
 
 # ------------------------------------------------------------------ scores

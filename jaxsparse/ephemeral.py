@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -32,7 +33,6 @@ from flax import nnx
 from jaxsparse import masks as masks_lib
 from jaxsparse import topk
 
-SCOPES = ("leaf", "global")
 INDEX_BYTES = 4
 """Bytes per transmitted index (int32)."""
 
@@ -49,8 +49,11 @@ class TopKGradientState(NamedTuple):
 
 
 def _check_k(k: int | None, fraction: float | None, scope: str) -> None:
-  if scope not in SCOPES:
-    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+  if scope == "leaf":  # this module's old name for "local" (one scope vocabulary now)
+    warnings.warn('scope="leaf" is deprecated: use scope="local" (the same: each leaf on its '
+                  'own)', DeprecationWarning, stacklevel=3)
+  else:
+    masks_lib.check_scope(scope)
   if (k is None) == (fraction is None):
     raise ValueError(f"give exactly one of k and fraction, got k={k!r}, fraction={fraction!r}")
   if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0):
@@ -61,8 +64,8 @@ def _check_k(k: int | None, fraction: float | None, scope: str) -> None:
 
 
 def kept_per_leaf(params: Any, k: int | None = None, fraction: float | None = None,
-                  scope: str = "leaf") -> list[int] | int:
-  """The static number of sent entries: a list per leaf (``"leaf"``) or one int (``"global"``).
+                  scope: str = "local") -> list[int] | int:
+  """The static number of sent entries: a list per leaf (``"local"``) or one int (``"global"``).
 
   With ``fraction``, a leaf (or the whole tree) of size n sends ``ceil(fraction * n)``.
   Raises ValueError (naming the leaf) when ``k`` exceeds a leaf's (or the tree's) size.
@@ -97,7 +100,7 @@ class CommunicationBytes(NamedTuple):
 
 
 def communication_bytes(params: Any, k: int | None = None, fraction: float | None = None,
-                        scope: str = "leaf", index_bytes: int = INDEX_BYTES) -> CommunicationBytes:
+                        scope: str = "local", index_bytes: int = INDEX_BYTES) -> CommunicationBytes:
   """What one step of :func:`topk_gradients` would communicate, in bytes.
 
   Each sent entry costs its value (the leaf's itemsize) plus an ``index_bytes``
@@ -114,7 +117,7 @@ def communication_bytes(params: Any, k: int | None = None, fraction: float | Non
   return CommunicationBytes(int(sparse), int(dense))
 
 
-def topk_gradients(k: int | None = None, *, fraction: float | None = None, scope: str = "leaf",
+def topk_gradients(k: int | None = None, *, fraction: float | None = None, scope: str = "local",
                    error_feedback: bool = True) -> optax.GradientTransformation:
   """Top-k gradient sparsification with error feedback, as an optax transform.
 
@@ -125,9 +128,9 @@ def topk_gradients(k: int | None = None, *, fraction: float | None = None, scope
   With ``error_feedback=False`` the rest is dropped (residual stays 0).
 
   Args:
-    k: entries sent per leaf (``"leaf"``) or in total (``"global"``).
+    k: entries sent per leaf (``"local"``) or in total (``"global"``).
     fraction: alternatively the fraction of entries sent.
-    scope: ``"leaf"`` or ``"global"``.
+    scope: ``"local"`` or ``"global"`` (:data:`jaxsparse.masks.SCOPES`).
     error_feedback: keep the unsent entries for the next step.
   """
   _check_k(k, fraction, scope)

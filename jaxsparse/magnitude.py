@@ -27,12 +27,10 @@ from jaxsparse import distributions as dist
 from jaxsparse import masks as masks_lib
 from jaxsparse import schedules
 
-_SCOPES = ("local", "global")
 
 
 def _check_scope(scope: str) -> None:
-  if scope not in _SCOPES:
-    raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+  masks_lib.check_scope(scope)
 
 
 def prune_to_fraction(scores: Any, masks: Any, counts: Mapping[str, int], fraction: jax.Array,

@@ -24,6 +24,17 @@ import numpy as np
 Params = Any
 Masks = Any
 
+SCOPES = ("local", "global")
+"""Where a selection is made: ``"local"``, within each leaf on its own; ``"global"``, over all
+the leaves together (one threshold)."""
+
+
+def check_scope(scope: str) -> None:
+  """Raises ValueError naming ``scope`` unless it is one of :data:`SCOPES`."""
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
 def dense_mask() -> jax.Array:
   """Returns the scalar ``True`` mask that marks a leaf as dense."""
   return jnp.asarray(True)

@@ -51,7 +51,6 @@ from jaxsparse import core, topk
 from jaxsparse import distributions as dist
 from jaxsparse import masks as masks_lib
 
-_SCOPES = ("local", "global")
 
 
 class Structure(NamedTuple):
@@ -207,8 +206,7 @@ def structured_masks(scores: Any, structure: Structure, sparsity: float, *,
   ``"global"``: one threshold over all leaves' group scores. Raises
   ValueError if a leaf would lose every group (a layer with no filter left).
   """
-  if scope not in _SCOPES:
-    raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+  masks_lib.check_scope(scope)
   s = dist.check_sparsity(sparsity)
   shapes, pooled = _pooled(scores, structure, filter, keep_dense)
   group_masks = {}

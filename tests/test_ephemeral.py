@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxsparse as js
 from jaxsparse import ephemeral as eph
 
 
@@ -15,7 +16,7 @@ def _int_grads(t, shapes):
   return {k: jnp.asarray(rng.integers(-8, 9, s).astype(np.float32)) for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("scope,k", [("leaf", 3), ("global", 5)])
+@pytest.mark.parametrize("scope,k", [("local", 3), ("global", 5)])
 def test_error_feedback_conserves_the_gradient_sum(scope, k):
   shapes = {"w": (4, 5), "b": (5,)}
   params = {n: jnp.zeros(s) for n, s in shapes.items()}
@@ -28,7 +29,7 @@ def test_error_feedback_conserves_the_gradient_sum(scope, k):
     g = _int_grads(t, shapes)
     sent, state = update(g, state, params)
     nnz = [int(jnp.count_nonzero(x)) for x in jax.tree.leaves(sent)]
-    if scope == "leaf":
+    if scope == "local":
       assert all(n <= k for n in nnz)
     else:
       assert sum(nnz) <= k
@@ -136,3 +137,15 @@ def test_topk_activation_layers():
     eph.TopKActivation(5).apply({}, x)
   with pytest.raises(ValueError, match="k must be"):
     eph.TopKActivationNNX(0)
+
+
+def test_one_scope_vocabulary_and_the_old_leaf_name_warns():
+  params = {"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)}
+  assert eph.kept_per_leaf(params, 3) == [3, 3]                     # default: "local"
+  with pytest.warns(DeprecationWarning, match='scope="local"'):
+    assert eph.kept_per_leaf(params, 3, scope="leaf") == [3, 3]     # still works, for now
+  for bad in ("per_leaf", "Local"):
+    with pytest.raises(ValueError, match=r"scope must be one of \('local', 'global'\)"):
+      eph.topk_gradients(3, scope=bad)
+    with pytest.raises(ValueError, match=r"scope must be one of \('local', 'global'\)"):
+      js.magnitude_masks(params, 0.5, scope=bad)
