@@ -142,6 +142,15 @@ class FeedForward(nn.Module):
     return self._layer(d, "fc2", self.out_std)(h)
 
 
+def _check_tokens(tokens: jax.Array, context: int) -> None:
+  """ValueError naming ``inputs`` unless ``tokens`` is (batch, seq_len) with seq_len <= context."""
+  if tokens.ndim != 2:
+    raise ValueError(f"inputs: expected tokens of shape (batch, seq_len), got {tokens.shape}")
+  if tokens.shape[1] > context:
+    raise ValueError(f"inputs: sequences of {tokens.shape[1]} tokens are longer than the "
+                     f"model's context={context}")
+
+
 class GPT(nn.Module):
   """Decoder-only LM; ``__call__(tokens (B, T) ints, train=False) -> logits (B, T, V)``.
 
@@ -183,11 +192,7 @@ class GPT(nn.Module):
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """Token plus position embeddings of ``tokens`` (B, T), T <= ``context``."""
-    if tokens.ndim != 2:
-      raise ValueError(f"inputs: expected tokens of shape (batch, seq_len), got {tokens.shape}")
-    if tokens.shape[1] > self.context:
-      raise ValueError(f"inputs: sequences of {tokens.shape[1]} tokens are longer than the "
-                       f"model's context={self.context}")
+    _check_tokens(tokens, self.context)
     return self.embed(tokens.astype(jnp.int32)) + self.pos_embed[:tokens.shape[1]]
 
   def block(self, x: jax.Array, index: int) -> jax.Array:
@@ -376,11 +381,7 @@ class GPTNNX(nnx.Module):
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """Token plus position embeddings of ``tokens`` (B, T), T <= ``context``."""
-    if tokens.ndim != 2:
-      raise ValueError(f"inputs: expected tokens of shape (batch, seq_len), got {tokens.shape}")
-    if tokens.shape[1] > self.context:
-      raise ValueError(f"inputs: sequences of {tokens.shape[1]} tokens are longer than the "
-                       f"model's context={self.context}")
+    _check_tokens(tokens, self.context)
     return self.embed(tokens.astype(jnp.int32)) + self.pos_embed[:tokens.shape[1]]
 
   def logits(self, x: jax.Array) -> jax.Array:
