@@ -31,7 +31,8 @@ import optax
 from jax.experimental.compilation_cache import compilation_cache
 
 import jaxsparse as js
-from jaxsparse import lowering, models
+from jaxsparse.analysis import lowering
+from jaxsparse.nn import models
 
 # name: (registry name, constructor kwargs, input shape)
 MODELS = {"lenet300": ("lenet300", {}, (28, 28, 1)),
@@ -48,7 +49,7 @@ def make_method(name: str, sparsity: float = 0.9) -> optax.GradientTransformatio
   if name == "static":
     return js.static_sparse(inner, sparsity)
   if name == "set":
-    return js.set(inner, sparsity, update_period=100)
+    return js.sparse_evolutionary_training(inner, sparsity, update_period=100)
   if name == "rigl":
     return js.rigl(inner, sparsity, update_stop=10_000, update_period=100)
   if name == "dsr":

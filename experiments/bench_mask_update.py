@@ -6,9 +6,9 @@ warm-up, with ``block_until_ready``, median of ``--repeats`` interleaved runs):
 * ``global magnitude``: one global magnitude mask update, the kernel of
   ``gradual_pruning(scope="global")`` (``magnitude.prune_to_fraction``): keep the
   ``k`` largest ``|w|`` over all sparse leaves at once with the O(n) radix
-  selection (:func:`jaxsparse.topk.largest_k_masks`);
+  selection (:func:`jaxsparse.core.selection.largest_k_masks`);
 * ``DSR realloc``: the extra cost of a DSR reallocation step: ``tx.update`` of
-  :func:`jaxsparse.dst.dynamic_sparse` with DSR's rules (global threshold drop,
+  :func:`jaxsparse.methods.dst.dynamic_sparse` with DSR's rules (global threshold drop,
   regrowth apportioned over layers, random growth) on a step that reallocates,
   minus the same call on a step that does not;
 * ``dense step``: one jitted dense training step (forward, backward, SGD with
@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse import distributions as dist
-from jaxsparse import dst, magnitude, static
+from jaxsparse.core import distributions as dist
+from jaxsparse.methods import dst, static
+from jaxsparse.pruning import magnitude
 
 LAYERS = 4
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-from jaxsparse import models
+from jaxsparse.nn import models
 
 from experiments import bench_compile
 
@@ -58,7 +58,7 @@ def make_method(name: str, sparsity: float, period: int) -> optax.GradientTransf
   if name == "static":
     return js.static_sparse(inner, sparsity, **kw)
   if name == "set":
-    return js.set(inner, sparsity, update_period=period, update_start=period, **kw)
+    return js.sparse_evolutionary_training(inner, sparsity, update_period=period, update_start=period, **kw)
   if name == "rigl":
     return js.rigl(inner, sparsity, update_stop=_FAR, update_period=period, **kw)
   if name == "dsr":

@@ -18,10 +18,10 @@ epochs; the same initial layer densities for every sparse method
 (``--distribution``, default ER, which for 2-D kernels is ERK).
 
 Methods (all from the library, with the schedules of
-:func:`jaxsparse.training.make_method`):
+:func:`experiments.training.make_method`):
 
-* ``set``: b = 1 is ``js.set`` (SET's signed drop), b > 1 is
-  ``js.dst.block_set`` (drop ``floor(0.3 * nnz_blocks)`` blocks of smallest
+* ``set``: b = 1 is ``js.sparse_evolutionary_training`` (SET's signed drop), b > 1 is
+  ``js.methods.dst.block_set`` (drop ``floor(0.3 * nnz_blocks)`` blocks of smallest
   mean ``|w|``, regrow as many at random); both rewire once per epoch;
 * ``rigl``: ``js.rigl(..., block_shape=(b, b))`` (blocks ranked by mean ``|w|``
   and mean ``|dense gradient|``), dT = min(100, steps / 20), T_end = 75%;
@@ -62,9 +62,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse import core, data, dst, models, training
-from jaxsparse import distributions as dist
-from jaxsparse import masks as masks_lib
+from experiments import data, training
+from jaxsparse.core import transform as core
+from jaxsparse.methods import dst
+from jaxsparse.nn import models
+from jaxsparse.core import distributions as dist
+from jaxsparse.core import masks as masks_lib
 from jaxsparse.kernels import bsr
 
 METHODS = ("dense", "set", "rigl", "dsr")
@@ -147,7 +150,7 @@ def make_transform(method: str, block: int, inner, sparsity: float, *, total_ste
                    steps_per_epoch: int, seed: int, distribution: str,
                    keep_dense: Sequence[str], dsr_np: int):
   """The library method at block size ``block`` (1 = unstructured), schedules as
-  :func:`jaxsparse.training.make_method`."""
+  :func:`experiments.training.make_method`."""
   common = dict(distribution=distribution, keep_dense=tuple(keep_dense))
   blocks = {} if block == 1 else {"block_shape": (block, block)}
   if method == "set" and block > 1:
@@ -379,7 +382,7 @@ def run_experiment(*, dataset: str = "fashion_mnist", out_dir: str = "results/bl
             f"{dataset} (inputs zero-padded to {ds.input_shape[0]} features), fc1 and fc2 sparse "
             f"at {sparsity} ({distribution} initial densities), fc3 dense; {epochs} epochs, "
             f"batch {batch_size}, SGD momentum 0.9, lr {lr} cosine; seeds "
-            f"{', '.join(map(str, seeds))}. Block SET = dst.block_set (b > 1) / js.set (b = 1); "
+            f"{', '.join(map(str, seeds))}. Block SET = dst.block_set (b > 1) / js.sparse_evolutionary_training (b = 1); "
             f"RigL and DSR with block_shape=(b, b); DSR Np = {dsr_np_fraction:.4f} x kept "
             f"units (min 1).")
   md = table(runs, methods, block_sizes, header)

@@ -14,7 +14,8 @@ import statistics
 
 from tqdm.auto import tqdm
 
-from jaxsparse import data, models, training
+from experiments import data, training
+from jaxsparse.nn import models
 
 
 def main(argv=None) -> list[dict]:

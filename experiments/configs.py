@@ -1,9 +1,9 @@
 """Named experiment configs: one frozen dataclass, :class:`Config`, and a registry, :data:`CONFIGS`.
 
 Every experiment is a :class:`Config` (the one way; no ml_collections). Its
-fields are exactly the arguments of :func:`jaxsparse.training.train`; methods,
-models and datasets are names looked up in ``jaxsparse.training.METHODS``,
-``jaxsparse.models.MODELS`` and ``jaxsparse.data.DATASETS``, checked when a
+fields are exactly the arguments of :func:`experiments.training.train`; methods,
+models and datasets are names looked up in ``experiments.training.METHODS``,
+``jaxsparse.nn.models.MODELS`` and ``experiments.data.DATASETS``, checked when a
 config is built. A config goes to and from a plain dict / JSON
 (:meth:`Config.to_dict`, :meth:`Config.from_dict`, :meth:`Config.to_json`,
 :meth:`Config.from_json`) and takes command-line overrides ``key=value``
@@ -26,7 +26,8 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxsparse import data, models, training
+from experiments import data, training
+from jaxsparse.nn import models
 
 
 def _known(kind: str, name: Any, known: Sequence[str]) -> None:
@@ -36,7 +37,7 @@ def _known(kind: str, name: Any, known: Sequence[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One experiment: the keyword arguments of :func:`jaxsparse.training.train`.
+  """One experiment: the keyword arguments of :func:`experiments.training.train`.
 
   Raises (at construction):
     ValueError: for an unknown ``dataset``/``model``/``method``/``optimizer``/
@@ -101,7 +102,7 @@ class Config:
     return cls.from_dict(json.loads(text))
 
   def train_kwargs(self) -> dict[str, Any]:
-    """The keyword arguments for :func:`jaxsparse.training.train`."""
+    """The keyword arguments for :func:`experiments.training.train`."""
     return self.to_dict()
 
 
@@ -206,7 +207,7 @@ CONFIGS: dict[str, Config] = {
     "fashion_mnist_dsr_paper": dataclasses.replace(
         _FASHION, method="dsr", batch_size=100, learning_rate=0.1, l1=1e-4, lr_schedule="step",
         epochs=100, model_kwargs={"use_bias": False, "batch_norm": True}),
-    # CIFAR ResNets (jaxsparse.models.CifarResNet, WideResNet) at 90% sparsity; the fmnist_*
+    # CIFAR ResNets (jaxsparse.nn.models.CifarResNet, WideResNet) at 90% sparsity; the fmnist_*
     # ones run offline (local Fashion-MNIST), the cifar10_* ones download CIFAR-10 via TFDS.
     "fmnist_resnet20_set": dataclasses.replace(_FASHION_RESNET, model="resnet20", method="set"),
     "fmnist_wrn16_4_rigl": dataclasses.replace(

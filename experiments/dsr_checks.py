@@ -18,7 +18,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from jaxsparse import data, training
+from experiments import data, training
 
 # name -> (method, method_kwargs)
 VARIANTS = {

@@ -27,7 +27,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from jaxsparse import data, training
+from experiments import data, training
 
 METHODS = ("dense", "thin_dense", "static", "deepr", "set", "rigl", "snfs", "dsr", "gradual")
 HIDDEN = (300, 100)

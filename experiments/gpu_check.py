@@ -137,7 +137,7 @@ def part_exactness(small: bool) -> dict:
   """Global magnitude selection over 1e8 and 1e9 entries: exact counts, and a clean cut."""
   import jax
   import jax.numpy as jnp
-  from jaxsparse import topk
+  from jaxsparse.core import selection as topk
 
   sizes = [1 << 20, (1 << 24) + (1 << 20)] if small else [10 ** 8, 10 ** 9]
   rows = []
@@ -289,7 +289,7 @@ def part_lm_forward(small: bool, save: Callable[[dict], None] | None = None) -> 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jaxsparse import transformer as tr
+  from jaxsparse.nn import transformer as tr
   from jaxsparse.kernels import resolve_backend
 
   be = resolve_backend()
@@ -332,9 +332,9 @@ def _lm_case(model, size: dict, params, tokens, forward, dense_flops: int, spars
   """One row of ``lm_forward``: the MLP kernels pruned to ``sparsity`` of their b x b blocks."""
   import jax
   import jax.numpy as jnp
-  from jaxsparse import masks as masks_lib
-  from jaxsparse import structured
-  from jaxsparse import transformer as tr
+  from jaxsparse.core import masks as masks_lib
+  from jaxsparse.pruning import structured
+  from jaxsparse.nn import transformer as tr
 
   mlp = lambda name, leaf: tr.block_filter(name, leaf) and "/mlp/" in name
 

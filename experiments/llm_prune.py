@@ -25,8 +25,9 @@ import optax
 from tqdm import tqdm
 
 import jaxsparse as js
-from jaxsparse import oneshot, text
-from jaxsparse import transformer as tr
+from experiments import text
+from jaxsparse.pruning import oneshot
+from jaxsparse.nn import transformer as tr
 
 TARGETS = (("50%", dict(sparsity=0.5)), ("2:4", dict(nm=(2, 4))), ("4:8", dict(nm=(4, 8))))
 METHODS = (("magnitude", "magnitude", None), ("Wanda", "wanda", None),
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
       bar.update()
       if i % 50 == 0:
         bar.set_postfix(loss=f"{float(loss):.3f}")
-    params, _ = tr.train_lm(model, params, _optimizer(args.lr, args.steps), corpus.train,
+    params, _ = text.train_lm(model, params, _optimizer(args.lr, args.steps), corpus.train,
                             steps=args.steps, batch_size=args.batch_size, seq_len=args.context,
                             seed=args.seed, callback=tick)
   train_s = time.time() - t0
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
   t = time.time()
   tx = js.keep_masks(_optimizer(args.finetune_lr, args.finetune_steps), wanda24.masks)
   with tqdm(total=args.finetune_steps, desc="masked fine-tune") as bar:
-    tuned, _ = tr.train_lm(model, wanda24.params, tx, corpus.train, steps=args.finetune_steps,
+    tuned, _ = text.train_lm(model, wanda24.params, tx, corpus.train, steps=args.finetune_steps,
                            batch_size=args.batch_size, seq_len=args.context,
                            seed=args.seed + 2, callback=lambda i, loss: bar.update())
   seconds["fine-tune"] = time.time() - t

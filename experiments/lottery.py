@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse import core, masks as masks_lib, topk
-from jaxsparse import distributions as dist
-from jaxsparse.magnitude import rewind
+from jaxsparse.core import masks as masks_lib, selection as topk, transform as core
+from jaxsparse.core import distributions as dist
+from jaxsparse.pruning.magnitude import rewind
 
 
 class Round(NamedTuple):

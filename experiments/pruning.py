@@ -3,7 +3,7 @@
   python -m experiments.pruning --out-dir results/pruning \
       --dataset fashion_mnist --models lenet300 --sparsities 0.9 0.95 0.98 --seeds 0 1 --epochs 8
 
-Methods (the papers are cited in :mod:`jaxsparse.criteria`):
+Methods (the papers are cited in :mod:`jaxsparse.pruning.criteria`):
 
 * ``random``: random per-layer masks at init, trained (baseline).
 * ``gradual``: Zhu & Gupta gradual magnitude pruning during the run.
@@ -44,8 +44,12 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments.lottery import lottery_ticket
-from jaxsparse import core, criteria, data, magnitude, models, obs, static, training
-from jaxsparse import masks as masks_lib
+from experiments import data, training
+from jaxsparse.core import transform as core
+from jaxsparse.pruning import criteria, magnitude, obs
+from jaxsparse.nn import models
+from jaxsparse.methods import static
+from jaxsparse.core import masks as masks_lib
 
 METHODS = ("random", "gradual", "magnitude", "snip", "grasp", "synflow", "obd", "obs", "lottery")
 OUTPUT_LAYER = {"lenet300": "fc3", "lenet5": "fc2"}

@@ -36,7 +36,12 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from jaxsparse import bayesian, core, data, magnitude, masks as masks_lib, models, regularisers, static
+from experiments import data
+from jaxsparse.regularizers import bayesian, penalties as regularisers
+from jaxsparse.core import masks as masks_lib, transform as core
+from jaxsparse.pruning import magnitude
+from jaxsparse.nn import models
+from jaxsparse.methods import static
 
 METHODS = ("l1_prox", "group_lasso_prox", "l0_weight", "l0_neuron", "sparse_vd", "sensitivity")
 

@@ -47,7 +47,10 @@ import sys
 from typing import Any
 
 from experiments import configs
-from jaxsparse import checkpoint, core, data, flops, formats, masks as masks_lib, models, training
+from experiments import checkpoint, data, training
+from jaxsparse.core import masks as masks_lib, transform as core
+from jaxsparse.analysis import flops, formats
+from jaxsparse.nn import models
 
 METRICS = ("epoch", "loss", "test_accuracy", "sparsity", "seconds")
 
@@ -249,7 +252,7 @@ def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume:
 
   Everything is checked before anything is written: the config and overrides,
   the results folder (read-only), then the dataset, model, method arguments
-  and optimizer state (:func:`jaxsparse.training.train` builds them and calls
+  and optimizer state (:func:`experiments.training.train` builds them and calls
   back to create the folder only when the run can start). A bad argument thus
   leaves no folder behind, and running the same command again gives the same
   error.

@@ -21,7 +21,7 @@ state; they work under the Agg backend).
 
   python -m experiments.structure --dataset fashion_mnist --method set --epochs 20
 
-trains with ``jaxsparse.training.train``, records once per epoch and writes
+trains with ``experiments.training.train``, records once per epoch and writes
 ``history.csv`` (one row per epoch), ``in_degree.csv`` (the first layer's per-input
 kept connections after every epoch), ``layer_density.png``, ``mask_change.png`` and
 ``input_connectivity.png`` to ``results/structure/<method>/``.
@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxsparse import core, masks as masks_lib
+from jaxsparse.core import masks as masks_lib, transform as core
 
 ALL = "all"
 """The key of the whole-network entries (all recorded layers together)."""
@@ -70,7 +70,7 @@ def in_degree(mask: Any) -> np.ndarray:
   """Kept connections per input feature of a kernel mask: its sum over the last
   (output) axis. A Dense kernel ``(in, out)`` gives ``(in,)``: how many hidden units
   each input pixel still reaches. A higher-rank kernel is viewed as the matrix
-  ``(prod(shape[:-1]), shape[-1])``, as :mod:`jaxsparse.formats` does.
+  ``(prod(shape[:-1]), shape[-1])``, as :mod:`jaxsparse.analysis.formats` does.
 
   Raises:
     ValueError: for a mask of rank < 2.
@@ -351,7 +351,8 @@ def write_plots(recorder: StructureRecorder, image_shape: Sequence[int] | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> StructureRecorder:
-  from jaxsparse import data, models, training
+  from experiments import data, training
+  from jaxsparse.nn import models
 
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

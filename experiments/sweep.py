@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from experiments import configs, run
-from jaxsparse import checkpoint, training
+from experiments import checkpoint, training
 
 BASELINES = ("random", "magnitude")
 """Pruning baselines run at every sparsity of a sweep (``dense`` runs once per seed)."""

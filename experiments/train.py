@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from jaxsparse import data, models, training
+from experiments import data, training
+from jaxsparse.nn import models
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,36 +1,51 @@
-"""jaxsparse: sparse neural network training as pure optax transformations over mask pytrees."""
+"""jaxsparse: sparse neural network training as pure optax transformations over mask pytrees.
 
-from jaxsparse import (bayesian, criteria, distributions, dst, ephemeral, flops, formats, kernels,
-                       masks, obs, oneshot, regularisers, schedules, sharding, structured, text,
-                       topk, transformer)
-from jaxsparse.core import (Health, MaskUpdate, MaskUpdateInputs, SparseState, get_masks,
-                            get_sparse_state, sparse_transform)
-from jaxsparse.criteria import (grasp_masks, obd_scores, score_masks, score_pruning, snip_masks,
-                                synflow_masks)
-from jaxsparse.deep_rewiring import add_langevin_noise, deep_r, deep_r_optimizer
-from jaxsparse.distributions import default_filter, densities, kept_counts, select_leaves
-from jaxsparse.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
-                                 random_pruning, rewind)
-from jaxsparse.dst import dsr, dynamic_sparse, rigl, snfs
-from jaxsparse.ephemeral import topk_gradients
-from jaxsparse.regularisers import (add_group_lasso, add_l1, group_lasso_proximal, l1_proximal,
-                                    sensitivity_decay, threshold_and_freeze)
-from jaxsparse.flops import count_flops, flops_summary, total_flops
-from jaxsparse.formats import (best_formats, export_sparse, sparse_inference, storage_sizes,
-                               storage_summary)
+Subpackages, in import order (each imports only from those above it):
+
+* :mod:`jaxsparse.core`: mask trees, exact-count selection, the optax wrapper every method
+  uses, layer densities, schedules, shardings;
+* :mod:`jaxsparse.methods`: static masks, SET, RigL / SNFS / DSR and the vocabulary they are
+  built from, DeepR;
+* :mod:`jaxsparse.pruning`: magnitude, criteria, OBS, structured and one-shot pruning;
+* :mod:`jaxsparse.regularizers`: penalties, stochastic gates, ephemeral sparsity;
+* :mod:`jaxsparse.kernels`: block-sparse formats, Pallas matmuls, sparse layers;
+* :mod:`jaxsparse.nn`: reference models; :mod:`jaxsparse.analysis`: FLOPs, storage, lowering.
+
+Every public function and class is also importable from here (see ``__all__``).
+"""
+
+import importlib as _importlib
+import warnings as _warnings
+
+from jaxsparse import analysis, core, kernels, methods, nn, pruning, regularizers
+from jaxsparse.analysis.flops import count_flops, flops_summary, total_flops
+from jaxsparse.analysis.formats import (best_formats, export_sparse, sparse_inference,
+                                        storage_sizes, storage_summary)
+from jaxsparse.core.distributions import default_filter, densities, kept_counts, select_leaves
+from jaxsparse.core.masks import apply_masks, check_masks, count_leaves, sparsity, summary
+from jaxsparse.core.transform import (Health, MaskUpdate, MaskUpdateInputs, SparseState,
+                                      get_masks, get_sparse_state, sparse_transform)
 from jaxsparse.kernels import (BSR, SparseDense, SparseLinear, bsr_from_dense, bsr_matmul,
                                bsr_to_dense, load_masks)
-from jaxsparse.masks import apply_masks, check_masks, count_leaves, sparsity, summary
-from jaxsparse.obs import obs_prune
-from jaxsparse.oneshot import owl_sparsities, sparsegpt, wanda_mask
-from jaxsparse.sparse_evolutionary import set  # noqa: A004 (the method's name in the literature)
-from jaxsparse.static import dense, keep_masks, static_sparse
-from jaxsparse.structured import filter_l1_masks, nm_masks, propagate_channels, slimming_masks
+from jaxsparse.methods.deep_rewiring import add_langevin_noise, deep_r, deep_r_optimizer
+from jaxsparse.methods.dst import dsr, dynamic_sparse, rigl, snfs
+from jaxsparse.methods.sparse_evolutionary import sparse_evolutionary_training
+from jaxsparse.methods.static import dense, keep_masks, static_sparse
+from jaxsparse.pruning.criteria import (grasp_masks, obd_scores, score_masks, score_pruning,
+                                        snip_masks, synflow_masks)
+from jaxsparse.pruning.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
+                                         random_pruning, rewind)
+from jaxsparse.pruning.obs import obs_prune
+from jaxsparse.pruning.oneshot import owl_sparsities, sparsegpt, wanda_mask
+from jaxsparse.pruning.structured import (filter_l1_masks, nm_masks, propagate_channels,
+                                          slimming_masks)
+from jaxsparse.regularizers.ephemeral import topk_gradients
+from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_lasso_proximal,
+                                              l1_proximal, sensitivity_decay,
+                                              threshold_and_freeze)
 
-
-# What `from jaxsparse import *` binds: the public functions and classes, not the submodules
-# (`masks`, `static`, ... would take common variable names), and not `set` (SET: `js.set`),
-# which would rebind the builtin in the importer's namespace.
+# What `from jaxsparse import *` binds: the public functions and classes, not the subpackages
+# (`core`, `nn`, ... would take common variable names), and no name of a builtin.
 __all__ = [
     "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear",
     "SparseState", "add_group_lasso", "add_l1", "add_langevin_noise", "apply_masks",
@@ -42,9 +57,44 @@ __all__ = [
     "magnitude_pruning", "nm_masks", "obd_scores", "obs_prune", "owl_sparsities",
     "propagate_channels", "random_pruning", "rewind", "rigl", "score_masks", "score_pruning",
     "select_leaves", "sensitivity_decay", "slimming_masks", "snfs", "snip_masks",
-    "sparse_inference", "sparse_transform", "sparsegpt", "sparsity", "static_sparse",
-    "storage_sizes", "storage_summary", "summary", "synflow_masks", "threshold_and_freeze",
-    "topk_gradients", "total_flops", "wanda_mask"
+    "sparse_evolutionary_training", "sparse_inference", "sparse_transform", "sparsegpt",
+    "sparsity", "static_sparse", "storage_sizes", "storage_summary", "summary",
+    "synflow_masks", "threshold_and_freeze", "topk_gradients", "total_flops", "wanda_mask"
 ]
 
 __version__ = "0.1.0"
+
+# Deprecated for one release: the flat module names of 0.1 (`js.dst`, `from jaxsparse import
+# masks`), British `regularisers`, and `js.sparse_evolutionary_training`, which shadows the builtin when imported by name.
+_DEPRECATED_MODULES = {
+    "masks": "jaxsparse.core.masks", "topk": "jaxsparse.core.selection",
+    "distributions": "jaxsparse.core.distributions", "schedules": "jaxsparse.core.schedules",
+    "sharding": "jaxsparse.core.sharding", "static": "jaxsparse.methods.static",
+    "sparse_evolutionary": "jaxsparse.methods.sparse_evolutionary",
+    "dst": "jaxsparse.methods.dst", "deep_rewiring": "jaxsparse.methods.deep_rewiring",
+    "magnitude": "jaxsparse.pruning.magnitude", "criteria": "jaxsparse.pruning.criteria",
+    "obs": "jaxsparse.pruning.obs", "structured": "jaxsparse.pruning.structured",
+    "oneshot": "jaxsparse.pruning.oneshot", "regularisers": "jaxsparse.regularizers.penalties",
+    "bayesian": "jaxsparse.regularizers.bayesian", "ephemeral": "jaxsparse.regularizers.ephemeral",
+    "models": "jaxsparse.nn.models", "transformer": "jaxsparse.nn.transformer",
+    "flops": "jaxsparse.analysis.flops", "formats": "jaxsparse.analysis.formats",
+    "lowering": "jaxsparse.analysis.lowering",
+}
+# Application code that left the library for the repository's `experiments` package.
+_MOVED_OUT = {"data": "experiments.data", "training": "experiments.training",
+              "checkpoint": "experiments.checkpoint", "text": "experiments.text"}
+
+
+def __getattr__(name: str):
+  if name == "set":
+    _warnings.warn("jaxsparse.sparse_evolutionary_training is deprecated (it shadows the builtin when imported by name); "
+                   "use jaxsparse.sparse_evolutionary_training", DeprecationWarning, stacklevel=2)
+    return sparse_evolutionary_training
+  if name in _DEPRECATED_MODULES:
+    new = _DEPRECATED_MODULES[name]
+    _warnings.warn(f"jaxsparse.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+    return _importlib.import_module(new)
+  if name in _MOVED_OUT:
+    raise AttributeError(f"jaxsparse.{name} moved out of the library to {_MOVED_OUT[name]} (the "
+                         "repository's experiments package; run from the repository root)")
+  raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")

@@ -12,8 +12,9 @@ import pytest
 from scipy import stats
 
 import jaxsparse as js
-from jaxsparse import distributions as dist
-from jaxsparse import dst, structured
+from jaxsparse.core import distributions as dist
+from jaxsparse.methods import dst
+from jaxsparse.pruning import structured
 from tests.helpers import batches, loss_fn, make_step, mlp_params
 
 
@@ -152,7 +153,7 @@ def test_5_degenerate_inputs_are_refused_or_warned_about():
     js.keep_masks(optax.sgd(0.1), masks)
   with pytest.warns(UserWarning, match="'fc3/kernel' of shape \\(32, 10\\) keeps only 1 weight"):
     dist.kept_counts(params, 0.5, overrides={"fc3": 0.997})
-  for build in (lambda: js.set(optax.sgd(0.1), "0.9"), lambda: js.static_sparse(optax.sgd(0.1), "0.9"),
+  for build in (lambda: js.sparse_evolutionary_training(optax.sgd(0.1), "0.9"), lambda: js.static_sparse(optax.sgd(0.1), "0.9"),
                 lambda: dist.kept_counts(params, "0.9")):
     with pytest.raises(TypeError, match="sparsity must be a number, got '0.9'"):
       build()
@@ -163,7 +164,7 @@ def test_5_degenerate_inputs_are_refused_or_warned_about():
 @pytest.mark.parametrize("name", ["set", "rigl"])
 def test_6_set_and_rigl_first_rewire_one_period_in(name):
   params = {"w": jax.random.normal(jax.random.key(0), (16, 8))}
-  build = {"set": lambda: js.set(optax.sgd(0.1), 0.5, update_period=3),
+  build = {"set": lambda: js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, update_period=3),
            "rigl": lambda: js.rigl(optax.sgd(0.1), 0.5, update_stop=100, update_period=3)}[name]
   tx = build()
   state = tx.init(params)
@@ -206,7 +207,7 @@ def test_7_nnx_state_works_with_apply_masks_get_masks_summary_and_export():
 def test_8_error_messages_say_what_is_wrong():
   params = mlp_params(jax.random.key(0))
   with pytest.raises(TypeError, match="inject_hyperparams inside it instead, as the inner optimizer"):
-    optax.inject_hyperparams(js.set)(optax.sgd(0.1), sparsity=0.9, zeta=0.3).init(params)
+    optax.inject_hyperparams(js.sparse_evolutionary_training)(optax.sgd(0.1), sparsity=0.9, zeta=0.3).init(params)
   with pytest.raises(ValueError, match=r"first update step, update_period=100 \(update_start defaults"):
     js.rigl(optax.sgd(0.1), 0.9, update_stop=100)
   masks = js.get_masks(js.static_sparse(optax.sgd(0.1), 0.5).init(params))
@@ -240,7 +241,7 @@ def test_9_a_bad_override_leaves_no_results_folder(tmp_path, capsys):
 def _one_set_update(regrowth, shape=(128, 64)):
   params = {"w": jax.random.normal(jax.random.key(0), shape) * 0.3, "b": jnp.zeros(shape[-1])}
   kw = {} if regrowth is None else {"regrowth": regrowth}
-  tx = js.set(optax.sgd(0.1, momentum=0.9), 0.5, update_period=2, **kw)
+  tx = js.sparse_evolutionary_training(optax.sgd(0.1, momentum=0.9), 0.5, update_period=2, **kw)
   state = tx.init(params)
   params = js.apply_masks(params, state.masks)
   g = {"w": jax.random.normal(jax.random.key(1), shape), "b": jnp.ones(shape[-1])}
@@ -275,13 +276,13 @@ def test_11_set_regrows_at_random_values_like_the_layers_init_with_zero_momentum
   new, grown, _, _, _ = _one_set_update("zero")
   assert grown.sum() > 0 and not np.asarray(new["w"])[grown].any()
   with pytest.raises(ValueError, match="regrowth must be one of"):
-    js.set(optax.sgd(0.1), 0.5, regrowth="randn")
+    js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, regrowth="randn")
 
 
 def test_11_dynamic_sparse_takes_the_same_regrowth_values():
   params = {"w": jax.random.normal(jax.random.key(0), (32, 16))}
   tx = dst.dynamic_sparse(optax.sgd(0.1), 0.5, drop=dst.drop_magnitude(0.5), grow=dst.grow_random(),
-                          is_update_step=js.schedules.periodic(1), regrowth="init")
+                          is_update_step=js.core.schedules.periodic(1), regrowth="init")
   state = tx.init(params)
   params = js.apply_masks(params, state.masks)
   u, new = jax.jit(tx.update)({"w": jnp.zeros((32, 16))}, state, params)
@@ -301,7 +302,7 @@ def test_12_a_layer_at_density_one_passes_through_an_update_unchanged(name):
   params = {"big": jax.random.normal(jax.random.key(0), (64, 64)),
             "small": jax.random.normal(jax.random.key(1), (4, 2))}
   inner = optax.sgd(0.1, momentum=0.9)
-  tx = {"set": lambda: js.set(inner, 0.5, update_period=1, update_start=1, regrowth="zero"),
+  tx = {"set": lambda: js.sparse_evolutionary_training(inner, 0.5, update_period=1, update_start=1, regrowth="zero"),
         "rigl": lambda: js.rigl(inner, 0.5, update_stop=100, update_period=1, update_start=1)}[name]()
   state = tx.init(params)
   assert dist.kept_counts(params, 0.5, distribution="er" if name == "set" else "erk")["small"] == 8

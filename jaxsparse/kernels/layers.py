@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsparse import masks as masks_lib
+from jaxsparse.core import masks as masks_lib
 from jaxsparse.kernels import bsr as bsr_lib
 from jaxsparse.kernels import pallas_matmul
 

@@ -39,7 +39,7 @@ holds. Where the collectives are:
 :func:`sharded_bsr_from_dense` builds the :class:`ShardedBSR` from a dense
 ``(K, N)`` kernel and a jaxsparse mask inside a ``shard_map`` as well: each
 device converts only its own column slice (no communication; a kernel and mask
-placed in the tensor-parallel layout of :mod:`jaxsparse.sharding`,
+placed in the tensor-parallel layout of :mod:`jaxsparse.core.sharding`,
 ``P(None, axis)``, are used where they are). Under ``jit`` a new mask only
 rebuilds the tables: the shapes are static, nothing recompiles. Gradients reach
 the dense kernel through the conversion (non-zero only in stored blocks), as
@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxsparse import sharding as sharding_lib
+from jaxsparse.core import sharding as sharding_lib
 from jaxsparse.kernels import bsr as bsr_lib
 from jaxsparse.kernels import pallas_matmul
 from jaxsparse.kernels.bsr import BSR
@@ -192,7 +192,7 @@ def sharded_bsr_from_dense(w: Array, mask: Any, mesh: Mesh, *, axis: str = "mode
 
   Args:
     w: ``(K, N)`` dense kernel (best placed ``P(None, axis)``, the
-      ``"tensor_parallel"`` layout of :func:`jaxsparse.sharding.param_shardings`).
+      ``"tensor_parallel"`` layout of :func:`jaxsparse.core.sharding.param_shardings`).
     mask: ``None`` or a scalar (all blocks), an elementwise bool mask of ``w``'s
       shape, or a ``(K // bk, N // bn)`` block mask.
     mesh: the device mesh (``AxisType.Auto`` axes).

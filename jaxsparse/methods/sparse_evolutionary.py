@@ -1,0 +1,252 @@
+"""SET: Sparse Evolutionary Training (Mocanu et al., 2018, Nature Communications).
+
+Algorithm 1 of the paper, per sparse layer, every ``update_period`` steps
+(the paper: every epoch):
+
+1. remove the fraction ``zeta`` of the smallest positive weights and of the
+   largest negative weights, i.e. ``floor(zeta * n_pos)`` positive weights
+   closest to zero and ``floor(zeta * n_neg)`` negative weights closest to zero
+   (active weights that are exactly zero lie between the two thresholds and
+   are removed too, as in the authors' code);
+2. add as many connections uniformly at random among the connections that are
+   absent after step 1, with zeroed optimizer state. Their starting values are
+   ``regrowth``: by default (``"init"``) random, like the layer's initial
+   weights, as in the authors' code (``set_mlp.py`` draws new weights from the
+   same ``randn / 10`` as the initial ones, with zero momentum); ``"zero"``
+   starts them at exactly zero (as RigL grows).
+
+The number of kept weights of each layer is therefore constant. The initial
+mask is random with the Erdos-Renyi layer densities of the paper (eq. 1),
+``distribution="er"``, with epsilon solved to reach ``sparsity``. A layer
+whose density is 1 (ER caps a layer too small for its share) has nothing to
+explore and is never rewired. The first update is one period in (after the
+first epoch with ``update_period = steps_per_epoch``), as in the paper.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsparse.core import schedules, selection as topk, transform as core
+from jaxsparse.core import distributions as dist
+from jaxsparse.core import masks as masks_lib
+from jaxsparse.methods.static import random_masks
+
+
+def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
+  """Step 1 of SET on the active weights ``values`` of one layer: which ones are removed.
+
+  The ``floor(zeta * n_pos)`` positive and ``floor(zeta * n_neg)`` negative
+  values closest to zero, and every value that is exactly zero.
+  """
+  return set_drop_each([values], zeta)[0]
+
+
+@functools.partial(jax.jit, inline=True)  # one compile when called eagerly (see topk)
+def set_drop_each(values: Sequence[jax.Array], zeta: jax.Array) -> list[jax.Array]:
+  """:func:`set_drop` for several layers at once, in one selection (a program with many
+  layers holds it once): group ``2 l`` is layer l's positives, ``2 l + 1`` its negatives."""
+  sizes = [v.shape[0] for v in values]
+  vals = _concat(values)
+  pos, neg = vals > 0, vals < 0
+  k = jnp.floor(zeta * topk.count_true_each([s for v in values for s in (v > 0, v < 0)]))
+  groups = jnp.asarray(np.repeat(2 * np.arange(len(sizes)), sizes), jnp.int32) + neg
+  drop = topk.smallest_k_per_group(jnp.abs(vals), groups, k.astype(jnp.int32), pos | neg)
+  return _split(drop | (vals == 0), sizes)
+
+
+def _concat(xs: Sequence[jax.Array]) -> jax.Array:
+  return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+
+
+def _split(x: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+  ends = np.cumsum(sizes)
+  return [x[e - s:e] for s, e in zip(sizes, ends)]
+
+
+class SETState(NamedTuple):
+  """SET's ``aux`` state.
+
+  Attributes:
+    active: per sparse leaf, the flat indices of its active weights (static
+      length nnz; a full leaf's are all its indices).
+    scale: per sparse leaf, the standard deviation of its initial weights
+      (``regrowth="init"``); ``()`` otherwise.
+  """
+  active: tuple
+  scale: tuple = ()
+
+
+_REMOVED = -128  # int8 code of an absent weight in set_rewire_each's codes (a survivor is 127)
+
+
+def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One SET update of one layer.
+
+  Args:
+    key: PRNG key of this update.
+    w: the layer's weights; mask: its mask; active: the flat indices of its
+      ``nnz`` active weights (the order is irrelevant).
+    zeta: the drop fraction.
+
+  Returns:
+    ``(new_mask, survivors, new_active)``: the dropped slots of ``active`` are
+    refilled with as many positions drawn uniformly at random among the
+    connections absent after the drop (so a just-dropped connection may come
+    back, as in the authors' code).
+  """
+  (new,), (kept,), (new_active,) = set_rewire_each(key, [w], [mask], [active], zeta)
+  return new, kept, new_active
+
+
+@functools.partial(jax.jit, inline=True)
+def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax.Array],
+                    actives: Sequence[jax.Array], zeta: jax.Array,
+                    grow_codes: jax.Array | None = None) -> tuple[list, list, list]:
+  """:func:`set_rewire` for several layers at once: one drop selection and one set of
+  random draws for all (so a program holds them once, however many layers it has).
+
+  ``grow_codes`` (int8 in [-126, 126], one per slot of all layers' ``actives`` in order):
+  instead of new masks, return int8 codes set in the scatter that grows the positions:
+  127 kept, the slot's grow code where grown, :data:`_REMOVED` elsewhere (the new mask is
+  ``codes != _REMOVED``; no extra scatter, since in the update branch each one costs at
+  every step on CPU).
+  """
+  sizes = [a.shape[0] for a in actives]
+  drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], zeta)
+  kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
+  n_grow = topk.count_true_each(drops)
+  grown = topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes)
+  # The j-th dropped slot of layer l takes layer l's j-th grown position.
+  drop, grown_all = _concat(drops), _concat(grown)
+  dropped_before = topk.prefix_sum(n_grow) - n_grow
+  leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+  slot_start = jnp.asarray(np.repeat(np.cumsum(sizes) - sizes, sizes), jnp.int32)
+  j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - dropped_before.at[leaf].get(
+      mode="promise_in_bounds")
+  new_active = jnp.where(drop, grown_all[jnp.clip(slot_start + j, 0, grown_all.shape[0] - 1)],
+                         _concat(actives))
+  codes = None if grow_codes is None else _split(grow_codes, sizes)
+  new = []
+  for i, (k, g) in enumerate(zip(kept, grown)):
+    if codes is None:
+      new.append(k.at[g].set(True, mode="drop").reshape(masks[i].shape))
+    else:
+      c = jnp.where(k, jnp.int8(127), jnp.int8(_REMOVED)).at[g].set(codes[i], mode="drop")
+      new.append(c.reshape(masks[i].shape))
+  return (new, [k.reshape(m.shape) for k, m in zip(kept, masks)], _split(new_active, sizes))
+
+
+def sparse_evolutionary_training(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
+        update_period: int = 100, update_start: int | None = None, update_stop: int | None = None,
+        regrowth: Any = "init", distribution: dist.Distribution = "er",
+        filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
+        overrides: Mapping[str, float] | None = None,
+        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """SET as an optax wrapper around ``inner``.
+
+  Args:
+    inner: the optimizer (the paper: SGD with momentum 0.9).
+    sparsity: global fraction of removed weights over the sparse leaves.
+    zeta: fraction removed on each side at each update (paper: 0.3); a float or
+      an ``optax`` schedule of the step (e.g. :func:`schedules.cosine_drop_fraction`).
+    update_period: steps between mask updates; use ``steps_per_epoch`` for the
+      paper's once-per-epoch rewiring.
+    update_start, update_stop: first update step (``None``: ``update_period``,
+      one period in, as the paper rewires after each epoch of training), and the
+      step from which updates stop (``None``: never).
+    regrowth: starting values of the regrown weights: ``"init"`` (default, the
+      authors' code) a zero-mean normal with the standard deviation ``s`` of the
+      layer's weights at ``init``, at 8 bits (steps of ``4 s / 126``, clipped to
+      ``+-4 s``: free off update steps, see :func:`jaxsparse.sparse_transform`);
+      ``"zero"``; or a callable ``(key, shape, dtype) -> array`` such as the
+      layer's ``jax.nn.initializers`` initializer (called on the leaf's shape;
+      the regrown positions take its values exactly, which costs a write and a
+      read of the params' size at every step). Their optimizer state starts
+      at zero in every case.
+    distribution: layer densities, ``"er"`` (paper), ``"erk"`` or ``"uniform"``.
+    filter, keep_dense, overrides: which leaves are sparse (see
+      :func:`jaxsparse.core.distributions.kept_counts`).
+    seed: seed of the initial mask and of the random regrowth.
+
+  The state's ``aux`` is a :class:`SETState`: per sparse leaf the flat indices
+  of its active weights (static length nnz), which an update reads and rewrites
+  instead of scanning the whole leaf; masks and indices change together, so
+  edit neither by hand (start from given masks with :func:`jaxsparse.keep_masks`
+  instead).
+  """
+  dist.check_sparsity(sparsity)
+  schedules.check_fraction(zeta, "zeta")
+  core.check_regrowth(regrowth)
+  is_update_step = schedules.periodic(update_period, update_start, update_stop)
+  zeta_at = schedules.as_schedule(zeta)
+  # "init" draws travel as int8 codes in units of 1/126 of 4 standard deviations (see
+  # core.sparse_transform: free off update steps); a callable's values exactly.
+  grow_values = False if regrowth == "zero" else ("int8" if regrowth == "init" else True)
+
+  def init_masks(params, key):
+    counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
+                              keep_dense=keep_dense, overrides=overrides)
+    masks = random_masks(params, counts, key)
+    # aux: the flat indices of the active weights of each sparse leaf (static
+    # length nnz), so that an update works on nnz values instead of n. nnz is
+    # counts[name] (random_masks keeps exactly that many), not a concrete sum
+    # of the mask, so init can be traced (jax.jit(tx.init, out_shardings=...)).
+    names = masks_lib.leaf_names(params)
+    sparse = [(n, p, m) for n, p, m in zip(names, jax.tree.leaves(params), jax.tree.leaves(masks))
+              if masks_lib.is_sparse(m)]
+    active = tuple(jnp.nonzero(m.reshape(-1), size=counts[n])[0].astype(jnp.int32)
+                   for n, _, m in sparse)
+    scale = tuple(core.init_scale(p, m) for _, p, m in sparse) if regrowth == "init" else ()
+    return masks, SETState(active, scale)
+
+  def update_masks(x: core.MaskUpdateInputs):
+    z = zeta_at(x.step)
+    leaves, treedef = jax.tree.flatten(x.masks)
+    ws = jax.tree.leaves(x.params)
+    sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]
+    # A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop and no
+    # regrowth; its weights and optimizer state carry over as in dense training.
+    rewired = [j for j, i in enumerate(sparse) if x.aux.active[j].shape[0] < leaves[i].size]
+    new, survivors, active = list(leaves), list(leaves), list(x.aux.active)
+    values = [jnp.zeros_like(w) if masks_lib.is_sparse(m) else jnp.zeros([], w.dtype)
+              for m, w in zip(leaves, ws)]
+    units = [jnp.ones([], jnp.float32) for _ in leaves]
+    if rewired:
+      idx = [sparse[j] for j in rewired]
+      grow_codes = None
+      if regrowth == "init":
+        # One draw per slot (nnz, not the leaf's size), as int8 codes in steps of 4/126
+        # standard deviations, set in the scatter that grows the positions.
+        n_slots = sum(active[j].shape[0] for j in rewired)
+        z8 = core.draw_regrowth("init", jax.random.fold_in(x.key, 1), (n_slots,), jnp.float32,
+                                jnp.float32(1.0))
+        grow_codes = jnp.clip(jnp.round(z8 * (126 / 4.0)), -126, 126).astype(jnp.int8)
+      out, kept, new_active = set_rewire_each(
+          jax.random.fold_in(x.key, 0), [ws[i] for i in idx], [leaves[i] for i in idx],
+          [active[j] for j in rewired], z, grow_codes)
+      for n, (i, j) in enumerate(zip(idx, rewired)):
+        active[j], survivors[i] = new_active[n], kept[n]
+        if regrowth == "init":
+          new[i] = out[n] != _REMOVED
+          units[i] = x.aux.scale[j] * (4.0 / 126)
+          values[i] = jnp.where(kept[n] | ~new[i], 0, out[n]).astype(jnp.float32) * units[i]
+        else:
+          new[i] = out[n]
+          if grow_values:
+            values[i] = core.draw_regrowth(regrowth, jax.random.fold_in(x.key, (1 << 20) + i),
+                                           ws[i].shape, ws[i].dtype, None)
+    return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
+                           SETState(tuple(active), x.aux.scale),
+                           jax.tree.unflatten(treedef, values) if grow_values else None,
+                           jax.tree.unflatten(treedef, units) if grow_values == "int8" else None)
+
+  return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
+                               is_update_step=is_update_step, grow_values=grow_values, seed=seed)

@@ -1,0 +1,6 @@
+"""Pruning: magnitude (one-shot, gradual, lottery tickets), saliency criteria (SNIP, GraSP,
+SynFlow, OBD), Optimal Brain Surgeon (:mod:`~jaxsparse.pruning.obs`), structured and N:M masks,
+and one-shot pruning of trained transformers from calibration data (Wanda, SparseGPT)."""
+
+from jaxsparse.pruning import magnitude  # noqa: I001 (criteria builds on magnitude)
+from jaxsparse.pruning import criteria, obs, oneshot, structured

@@ -1,0 +1,7 @@
+"""Sparsity through the loss or the layers: L1 and group-lasso penalties and proximal steps
+(:mod:`~jaxsparse.regularizers.penalties`), stochastic gates (L0, sparse variational dropout:
+:mod:`~jaxsparse.regularizers.bayesian`), and ephemeral sparsity, which is recomputed at
+every step instead of kept (top-k gradients, k-winners activations:
+:mod:`~jaxsparse.regularizers.ephemeral`)."""
+
+from jaxsparse.regularizers import bayesian, ephemeral, penalties

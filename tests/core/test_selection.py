@@ -1,0 +1,293 @@
+"""Exact-count selection against a numpy stable-sort reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from jaxsparse.core import selection as topk
+
+floats = hnp.arrays(np.float32, st.integers(1, 60),
+                    elements=st.sampled_from([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+                    | st.floats(-10, 10, width=32))
+
+
+def reference_smallest(x, k, valid):
+  idx = np.flatnonzero(valid)
+  order = idx[np.argsort(x[idx], kind="stable")]
+  out = np.zeros(x.shape, bool)
+  out[order[:min(k, len(idx))]] = True
+  return out
+
+
+# Hypothesis examples of any length run padded to PAD entries (padding invalid), so each
+# jitted selection compiles once for all examples (k is traced).
+PAD = 64
+_smallest = jax.jit(topk.smallest_k_mask)
+_largest = jax.jit(topk.largest_k_mask)
+_top_k = jax.jit(topk.top_k_mask, static_argnums=1)
+_per_group = jax.jit(topk.smallest_k_per_group)
+
+
+def padded(x, valid):
+  n = x.size
+  return (jnp.asarray(np.pad(x, (0, PAD - n))), jnp.asarray(np.pad(valid, (0, PAD - n))))
+
+
+@given(floats, st.integers(0, 70), st.integers(0, 2**31 - 1))
+def test_smallest_k_matches_stable_sort(x, k, seed):
+  x = x + 0.0  # no negative zeros: numpy sorts -0.0 == 0.0 by index
+  valid = np.random.default_rng(seed).random(x.shape) < 0.7
+  xp, vp = padded(x, valid)
+  got = np.asarray(_smallest(xp, jnp.int32(k), vp))
+  assert not got[x.size:].any()
+  np.testing.assert_array_equal(got[:x.size], reference_smallest(x, k, valid))
+  assert got.sum() == min(k, valid.sum())
+
+
+@given(floats, st.sampled_from([0, 1, 2, 7, 30, 60]))
+def test_top_k_and_bisection_agree_on_ties(x, k):
+  x = x + 0.0
+  k = min(k, x.size)
+  xp, vp = padded(x, np.ones(x.shape, bool))
+  a = np.asarray(_largest(xp, jnp.int32(k), vp))
+  b = np.asarray(_top_k(xp, k, vp))        # static k: one compile per sampled k
+  np.testing.assert_array_equal(a, b)
+  assert not a[x.size:].any()
+  np.testing.assert_array_equal(a[:x.size], reference_smallest(-x, k, np.ones(x.shape, bool)))
+
+
+def test_all_equal_values_take_lowest_indices():
+  got = np.asarray(topk.smallest_k_mask(jnp.ones((4, 5)), 7))
+  assert got.reshape(-1).tolist() == [True] * 7 + [False] * 13
+
+
+def test_nan_never_selected():
+  x = jnp.array([jnp.nan, 1.0, jnp.nan, 0.5])
+  assert np.asarray(topk.smallest_k_mask(x, 4)).tolist() == [False, True, False, True]
+
+
+def test_random_k_exact_and_uniform():
+  valid = jnp.arange(10) % 2 == 0
+  keys = jax.random.split(jax.random.key(0), 400)
+  ms = np.asarray(jax.jit(jax.vmap(lambda k: topk.random_k_mask(k, 2, valid)))(keys))
+  assert (ms.sum(1) == 2).all() and not ms[:, ~np.asarray(valid)].any()
+  counts = ms.sum(0)
+  # each of the 5 valid entries is chosen with probability 2/5: 160 +- ~30 over 400 draws
+  assert np.all(np.abs(counts[::2] - 160) < 40), counts
+
+
+def test_rejects_k_outside_range():
+  with pytest.raises(ValueError, match="k must be"):
+    topk.top_k_mask(jnp.ones(3), 4)
+  with pytest.raises(ValueError, match="k must be"):
+    topk.smallest_k_mask(jnp.ones(3), -1)
+  with pytest.raises(ValueError, match="k must be"):
+    topk.random_k_mask(jax.random.key(0), 5, jnp.ones(3, bool))
+
+
+@given(floats, st.integers(0, 30), st.integers(0, 30), st.integers(0, 2**31 - 1))
+def test_per_group_selection_matches_numpy(x, k0, k1, seed):
+  x = x + 0.0
+  rng = np.random.default_rng(seed)
+  groups = (rng.random(x.shape) < 0.5).astype(np.int32)
+  valid = rng.random(x.shape) < 0.8
+  xp, vp = padded(x, valid)
+  got = np.asarray(_per_group(xp, jnp.asarray(np.pad(groups, (0, PAD - x.size))),
+                              jnp.array([k0, k1]), vp))
+  expected = (reference_smallest(x, k0, valid & (groups == 0))
+              | reference_smallest(x, k1, valid & (groups == 1)))
+  assert not got[x.size:].any()
+  np.testing.assert_array_equal(got[:x.size], expected)
+
+
+@pytest.mark.parametrize("n_allowed", [3, 5000])  # 3: the exact fallback; 5000: rejection sampling
+def test_random_k_positions_exact_distinct_allowed(n_allowed):
+  n = 10000
+  allowed = np.zeros(n, bool)
+  allowed[np.random.default_rng(0).choice(n, n_allowed, replace=False)] = True
+  k, size = min(3, n_allowed) if n_allowed == 3 else 400, 500
+  fn = jax.jit(topk.random_k_positions, static_argnums=3)
+  for seed in range(5):
+    pos = np.asarray(fn(jax.random.key(seed), k, jnp.asarray(allowed), size))
+    chosen = pos[:k]
+    assert len(set(chosen.tolist())) == k and allowed[chosen].all()
+    assert (pos[k:] == n).all()
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (1, 1), (3, 5), (2, 1, 4), (300, 257)])
+def test_count_true_matches_numpy(shape):
+  x = np.random.default_rng(len(shape)).random(shape) < 0.4
+  assert int(jax.jit(topk.count_true)(jnp.asarray(x))) == int(x.sum())
+
+
+def test_count_true_rejects_float_input():
+  with pytest.raises(TypeError, match="x: count_true takes a bool or integer array"):
+    topk.count_true(jnp.ones(3))
+
+
+def _reduction_ops(compiled_text: str) -> list[str]:
+  return [line.strip()[:120] for line in compiled_text.splitlines()
+          if " reduce(" in line or " reduce-window(" in line]
+
+
+def test_selections_compile_without_reductions():
+  # XLA:CPU's PjRt client pays ~0.2 us per call for every value of every reduction
+  # computation in a program, whether its branch runs or not; the selections are
+  # written with scans and dots so that a never-taken mask update costs nothing.
+  x = jnp.linspace(-1.0, 1.0, 3000).reshape(60, 50)
+  fns = {
+      "smallest_k_mask": (lambda x: topk.smallest_k_mask(x, 100), (x,)),
+      "smallest_k_per_group": (lambda x: topk.smallest_k_per_group(
+          x, (x < 0).astype(jnp.int32), jnp.array([10, 20]), x != 0), (x,)),
+      "random_k_positions": (lambda a: topk.random_k_positions(jax.random.key(0), 30, a, 200),
+                             (x > 0,)),
+  }
+  for name, (fn, args) in fns.items():
+    ops = _reduction_ops(jax.jit(fn).lower(*args).compile().as_text())
+    assert not ops, f"{name}: {ops}"
+
+
+def test_finiteness_check_is_one_sum_over_all_float_leaves():
+  # The check in every method's mask update: one plain sum over all float leaves (XLA:CPU
+  # may split a large one into a short tree): cheap per step, and its compile time does not grow with
+  # the number of leaves.
+  from jaxsparse.core import transform as core
+  x = jnp.linspace(-1.0, 1.0, 3000).reshape(60, 50)
+  tree = {"w": x, "b": jnp.ones(7), "n": jnp.arange(3)}
+  ops = _reduction_ops(jax.jit(core._all_finite).lower(tree).compile().as_text())
+  many = {f"w{i}": x[6 * i:6 * i + 6] for i in range(10)}      # the same entries, 10 leaves
+  ops_many = _reduction_ops(jax.jit(core._all_finite).lower(many).compile().as_text())
+  assert 1 <= len(ops) <= 3 and 1 <= len(ops_many) <= 3, (ops, ops_many)
+  assert bool(core._all_finite(tree))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    assert not bool(jax.jit(core._all_finite)({**tree, "b": tree["b"].at[3].set(bad)}))
+
+
+# ------------------------------------------- both lowering branches, above 2**24 entries
+
+
+@pytest.fixture(params=["this_platform", "gpu_tpu_branch"])
+def branch(request, monkeypatch):
+  """Runs a test with the CPU's lowering choices, then with the GPU/TPU branch forced on the CPU
+  (``topk.cpu_or_default`` is the one switch): both must give the same exact results."""
+  if request.param == "gpu_tpu_branch":
+    monkeypatch.setattr(topk, "cpu_or_default", lambda cpu, default, *args: default(*args))
+  return request.param
+
+
+def test_global_selection_exact_above_2_to_the_24(branch):
+  """A global selection over 2**24 + 2**18 entries with heavy ties: every count, prefix sum and
+  histogram total exceeds what an f32 accumulator holds exactly (an H200 miscounted here)."""
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 1000, (4096, 4096)).astype(np.float32)
+  b = rng.integers(0, 1000, (1 << 18,)).astype(np.float32)
+  k = (1 << 24) + 12_345                      # threshold inside a tied value, ~16.8k ties
+  select = jax.jit(lambda a, b, k: topk.smallest_k_masks([a, b], k))
+  ma, mb = select(jnp.asarray(a), jnp.asarray(b), jnp.int32(k))
+  flat = np.concatenate([a.reshape(-1), b])
+  want = np.zeros(flat.size, bool)
+  want[np.argsort(flat, kind="stable")[:k]] = True
+  got = np.concatenate([np.asarray(ma).reshape(-1), np.asarray(mb)])
+  assert int(got.sum()) == k
+  np.testing.assert_array_equal(got, want)
+  assert int(jax.jit(topk.count_true)(ma)) == int(want[:a.size].sum())
+
+
+def test_branches_agree_on_small_selections(branch):
+  """The per-group selection and the random positions, through the branch under test."""
+  rng = np.random.default_rng(1)
+  x = rng.integers(-5, 5, 407).astype(np.float32)
+  groups = (x > 0).astype(np.int32)
+  got = np.asarray(jax.jit(topk.smallest_k_per_group)(jnp.asarray(x), jnp.asarray(groups),
+                                                      jnp.array([30, 40])))
+  for g, k in ((0, 30), (1, 40)):
+    np.testing.assert_array_equal(got & (groups == g), reference_smallest(x, k, groups == g))
+  allowed = jnp.asarray(rng.random(500) < 0.3)
+  pos = np.asarray(jax.jit(topk.random_k_positions, static_argnums=3)(jax.random.key(2), 50,
+                                                                      allowed, 64))
+  assert len(set(pos[:50].tolist())) == 50 and np.asarray(allowed)[pos[:50]].all()
+  assert (pos[50:] == 500).all()
+
+
+# ------------------------------------------- every layer in one selection
+
+_each = jax.jit(topk.smallest_k_each)
+_largest_each = jax.jit(topk.largest_k_each)
+_random_each = jax.jit(topk.random_k_masks_each)
+_positions_each = jax.jit(topk.random_k_positions_each, static_argnums=3)
+EACH_SHAPES = [(5, 9), (64,), (2, 3, 4)]
+
+
+@given(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]) | st.floats(-4, 4, width=32),
+                min_size=sum(int(np.prod(s)) for s in EACH_SHAPES),
+                max_size=sum(int(np.prod(s)) for s in EACH_SHAPES)),
+       st.lists(st.integers(0, 70), min_size=3, max_size=3), st.integers(0, 2**31 - 1))
+def test_each_array_gets_its_own_k_like_the_single_selection(values, ks, seed):
+  flat = np.asarray(values, np.float32) + 0.0
+  ends = np.cumsum([int(np.prod(s)) for s in EACH_SHAPES])
+  xs = [flat[e - int(np.prod(s)):e].reshape(s) for s, e in zip(EACH_SHAPES, ends)]
+  rng = np.random.default_rng(seed)
+  valid = [rng.random(s) < 0.7 for s in EACH_SHAPES]
+  got = _each([jnp.asarray(x) for x in xs], jnp.asarray(ks, jnp.int32),
+              [jnp.asarray(v) for v in valid])
+  big = _largest_each([jnp.asarray(x) for x in xs], jnp.asarray(ks, jnp.int32),
+                      [jnp.asarray(v) for v in valid])
+  for x, v, k, g, b in zip(xs, valid, ks, got, big):
+    want = reference_smallest(x.reshape(-1), k, v.reshape(-1)).reshape(x.shape)
+    np.testing.assert_array_equal(np.asarray(g), want)
+    np.testing.assert_array_equal(
+        np.asarray(b), reference_smallest(-x.reshape(-1), k, v.reshape(-1)).reshape(x.shape))
+  rand = _random_each(jax.random.key(seed), jnp.asarray(ks, jnp.int32),
+                      [jnp.asarray(v) for v in valid])
+  for v, k, r in zip(valid, ks, rand):
+    r = np.asarray(r)
+    assert r.sum() == min(k, v.sum()) and not (r & ~v).any()
+
+
+@pytest.mark.parametrize("fraction", [0.95, 0.04])  # 0.04 allowed: the exact fallback runs
+def test_positions_each_are_distinct_allowed_and_uniform(fraction):
+  shapes, sizes = [(40, 30), (500,), (7, 7)], (60, 25, 10)
+  rng = np.random.default_rng(0)
+  allowed = [rng.random(s) < fraction for s in shapes]
+  ks = [min(s - 3, int(0.75 * a.sum())) for s, a in zip(sizes, allowed)]
+  hits = [np.zeros(int(np.prod(s))) for s in shapes]
+  for seed in range(200):
+    out = _positions_each(jax.random.key(seed), jnp.asarray(ks, jnp.int32),
+                          [jnp.asarray(a) for a in allowed], sizes)
+    for a, k, size, o, h in zip(allowed, ks, sizes, out, hits):
+      o = np.asarray(o)
+      assert o.shape == (size,)
+      chosen = o[:k]
+      assert len(set(chosen.tolist())) == k and a.reshape(-1)[chosen].all()
+      assert (o[k:] == a.size).all()
+      h[chosen] += 1
+  # uniform over the allowed positions: each is chosen in k / count(allowed) of the draws
+  for a, k, h in zip(allowed, ks, hits):
+    p = k / a.sum()
+    freq = h[a.reshape(-1)] / 200
+    assert abs(freq.mean() - p) < 1e-9
+    assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / 200) + 1e-9
+    assert not h[~a.reshape(-1)].any()
+
+
+def test_per_array_selections_name_their_bad_arguments():
+  xs = [jnp.ones((3, 4)), jnp.ones(5)]
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\), got shape \\(3,\\)"):
+    topk.smallest_k_each(xs, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match="valid must hold one array per score array"):
+    topk.largest_k_each(xs, jnp.array([1, 2]), [xs[0] > 0])
+  valid = [x > 0 for x in xs]
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\), got shape \\(\\)"):
+    topk.random_k_masks_each(jax.random.key(0), 3, valid)
+  with pytest.raises(ValueError, match="k: one count per array \\(2\\)"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1]), valid, (4, 4))
+  with pytest.raises(ValueError, match="sizes: one per allowed array"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1, 1]), valid, (4,))
+  with pytest.raises(ValueError, match="allowed: one or more non-empty arrays"):
+    topk.random_k_positions_each(jax.random.key(0), jnp.array([1]), [jnp.ones(0, bool)], (1,))
+  with pytest.raises(TypeError, match="xs\\[1\\]: count_true_each takes bool or integer"):
+    topk.count_true_each([valid[0], xs[1]])
+  with pytest.raises(ValueError, match="xs: count_true_each takes one or more arrays"):
+    topk.count_true_each([])

@@ -1,0 +1,188 @@
+"""The optax wrapper engine, exercised through SET and the baselines."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse as js
+from tests.helpers import batches, make_step, mlp_params
+
+
+def run(tx, n_steps, params=None, seed=0, on_step=None):
+  params = mlp_params(jax.random.key(seed)) if params is None else params
+  state = tx.init(params)
+  traces = []
+  step = make_step(tx, traces)
+  for t, (x, y) in enumerate(batches(n_steps, seed=seed)):
+    old = js.get_masks(state) if on_step is not None else None
+    params, state = step(params, state, x, y)
+    if on_step is not None:
+      on_step(t, params, state, old)
+  return params, state, traces
+
+
+def sparse_leaves(tree, masks):
+  return [(p, m) for p, m in zip(jax.tree.leaves(tree), jax.tree.leaves(masks)) if m.ndim]
+
+
+def test_set_invariants_over_200_jitted_steps():
+  tx = js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.9, update_period=10, zeta=0.3)
+  params0 = mlp_params(jax.random.key(0))
+  expected = js.kept_counts(params0, 0.9, distribution="er")
+  changed = []
+
+  def check(t, params, state, old):
+    params, masks, old = jax.device_get((params, js.get_masks(state), old))
+    counts = {c.name: c.kept for c in js.count_leaves(params, masks) if c.sparse}
+    assert counts == expected, t
+    for p, m in sparse_leaves(params, masks):
+      assert not np.any(np.asarray(p)[~np.asarray(m)]), f"masked weight non-zero at step {t}"
+    # SET's active-index lists stay in sync with the masks
+    sparse_masks = [m for m in jax.tree.leaves(masks) if m.ndim]
+    for idx, m in zip(js.get_sparse_state(state).aux.active, sparse_masks):
+      np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.flatnonzero(m))
+    diff = sum(int(np.sum(np.asarray(a) != np.asarray(b)))
+               for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(masks)))
+    if t % 10 == 0 and t > 0:  # the first update is one period in
+      changed.append(diff)
+    else:
+      assert diff == 0, f"mask changed off-schedule at step {t}"
+
+  params, state, traces = run(tx, 200, params0, on_step=check)
+  assert len(traces) == 1, "the train step recompiled"
+  assert all(c > 0 for c in changed), changed  # every update step rewired something
+  # Same seed, same everything: bit-identical masks and params.
+  params2, state2, _ = run(tx, 200, params0)
+  for a, b in zip(jax.tree.leaves((params, js.get_masks(state))),
+                  jax.tree.leaves((params2, js.get_masks(state2)))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A different seed gives a different mask.
+  _, state3, _ = run(js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.9, update_period=10, seed=1), 1,
+                     params0)
+  assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(js.get_masks(state3)),
+                                                   jax.tree.leaves(js.get_masks(state))))
+
+
+@pytest.mark.parametrize("make_inner,field_names", [
+    (lambda: optax.sgd(0.05, momentum=0.9), ("trace",)),
+    (lambda: optax.adam(1e-2), ("mu", "nu")),
+])
+def test_optimizer_state_of_pruned_and_regrown_weights_is_zero(make_inner, field_names):
+  tx = js.sparse_evolutionary_training(make_inner(), 0.8, update_period=5, update_start=5, regrowth="zero")
+  seen = []
+
+  def check(t, params, state, old):
+    if t != 5:
+      return
+    new = js.get_masks(state)
+    inner = state.inner_state
+    for name in field_names:
+      s = optax.tree_utils.tree_get(inner, name)
+      for st_leaf, m_old, m_new in zip(jax.tree.leaves(s), jax.tree.leaves(old),
+                                       jax.tree.leaves(new)):
+        if m_new.ndim == 0:
+          continue
+        regrown = np.asarray(m_new & ~m_old)
+        assert regrown.sum() > 0
+        assert np.all(np.asarray(st_leaf)[regrown] == 0), name
+        assert np.all(np.asarray(st_leaf)[~np.asarray(m_new)] == 0), name
+        # survivors keep a non-trivial state
+        assert np.any(np.asarray(st_leaf)[np.asarray(m_new & m_old)] != 0), name
+        seen.append(name)
+    # regrown weights start at exactly zero
+    for p, m_old, m_new in zip(jax.tree.leaves(params), jax.tree.leaves(old), jax.tree.leaves(new)):
+      if m_new.ndim:
+        assert np.all(np.asarray(p)[np.asarray(m_new & ~m_old)] == 0)
+
+  run(tx, 7, on_step=check)
+  assert seen
+
+
+def test_dense_is_bit_identical_to_plain_optax():
+  p_dense, _, _ = run(js.dense(optax.adam(1e-2)), 20)
+  p_plain, _, _ = run(optax.adam(1e-2), 20)
+  for a, b in zip(jax.tree.leaves(p_dense), jax.tree.leaves(p_plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_static_sparse_mask_never_changes_and_first_update_masks_params():
+  tx = js.static_sparse(optax.sgd(0.1), 0.75, distribution="erk")
+  params0 = mlp_params(jax.random.key(3))
+  m0 = js.get_masks(tx.init(params0))
+  params, state, _ = run(tx, 30, params0)
+  for a, b in zip(jax.tree.leaves(m0), jax.tree.leaves(js.get_masks(state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert js.sparsity(params, m0) == pytest.approx(0.75, abs=1e-3)
+  for p, m in sparse_leaves(params, m0):
+    assert np.count_nonzero(np.asarray(p)) <= int(m.sum())
+    assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                        js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9, nesterov=True), 0.9, update_period=4)),
+    lambda: js.sparse_evolutionary_training(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2), 0.9, update_period=4),
+    lambda: optax.MultiSteps(js.sparse_evolutionary_training(optax.adam(1e-2), 0.9, update_period=2), every_k_schedule=2),
+    lambda: js.gradual_pruning(optax.adam(1e-2), 0.9, num_updates=3, update_period=4),
+])
+def test_composes_with_optax(build):
+  tx = build()
+  params, state, traces = run(tx, 24)
+  masks = js.get_masks(state)
+  assert len(traces) == 1
+  assert js.sparsity(params, masks) == pytest.approx(0.9, abs=1e-3)
+  for p, m in sparse_leaves(params, masks):
+    assert not np.any(np.asarray(p)[~np.asarray(m)])
+  nnz = sum(np.count_nonzero(np.asarray(p)) for p, m in sparse_leaves(params, masks))
+  assert nnz <= sum(int(m.sum()) for _, m in sparse_leaves(params, masks))
+
+
+def test_nnx_optimizer():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(64, 32, rngs=rngs)
+      self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(jax.nn.relu(self.fc1(x)))
+
+  model = Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, js.sparse_evolutionary_training(optax.adam(1e-2), 0.8, update_period=3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    grads = nnx.grad(loss)(model)
+    opt.update(model, grads)
+
+  for x, y in batches(10):
+    step(model, opt, x, y)
+  masks = js.get_masks(opt.opt_state)
+  kernel = np.asarray(model.fc1.kernel[...])
+  mask = np.asarray(masks["fc1"]["kernel"][...])
+  assert mask.shape == kernel.shape and mask.mean() < 0.5
+  assert not np.any(kernel[~mask])
+
+
+def test_bad_input_errors():
+  with pytest.raises(ValueError, match="update_period"):
+    js.sparse_evolutionary_training(optax.sgd(0.1), 0.9, update_period=0)
+  with pytest.raises(ValueError, match="sparsity"):
+    js.sparse_evolutionary_training(optax.sgd(0.1), 1.0)
+  with pytest.raises(ValueError, match="zeta"):
+    js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, zeta=1.5)
+  params = mlp_params(jax.random.key(0))
+  bad_masks = {"fc1": {"kernel": jnp.ones((3, 3), bool), "bias": jnp.asarray(True)}}
+  with pytest.raises(ValueError, match="masks: leaf 'fc2/bias' of params is missing from masks"):
+    js.keep_masks(optax.sgd(0.1), bad_masks).init(params)
+  wrong_shape = jax.tree.map(lambda p: jnp.ones((2,), bool), params)
+  with pytest.raises(ValueError, match="masks: leaf 'fc1/bias' has mask shape"):
+    js.keep_masks(optax.sgd(0.1), wrong_shape).init(params)
+  with pytest.raises(ValueError, match="filter: selected no leaf"):
+    js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, filter=lambda n, l: False).init(params)
+  with pytest.raises(TypeError, match="inner"):
+    js.sparse_evolutionary_training("sgd", 0.5)
