@@ -26,7 +26,6 @@ trained with ``jaxsparse.keep_masks(inner, masks)`` (static sparse training).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -37,7 +36,8 @@ import optax
 from jaxsparse.core import schedules, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
-from jaxsparse.pruning.magnitude import prune_to_fraction
+from jaxsparse.pruning import magnitude
+from jaxsparse.pruning.magnitude import magnitude_scores, prune_to_fraction, score_masks
 
 Params = Any
 Batch = Any
@@ -80,11 +80,6 @@ def _check_scope(scope: str) -> None:
 
 
 # ------------------------------------------------------------------ scores
-
-
-def magnitude_scores(params: Params) -> Scores:
-  """``|theta|`` (Han et al. 2015)."""
-  return jax.tree.map(jnp.abs, params)
 
 
 def snip_scores(params: Params, loss_fn: LossFn, batch: Batch) -> Scores:
@@ -200,31 +195,6 @@ def _counts(params: Params, sparsity: float, distribution, filter, keep_dense, o
                           keep_dense=keep_dense, overrides=overrides)
 
 
-def score_masks(scores: Scores, sparsity: float, *, scope: str = "global",
-                distribution: dist.Distribution = "uniform", filter: dist.LeafFilter | None = None,
-                keep_dense: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
-                masks: Any = None) -> Any:
-  """Masks that keep the highest ``scores`` to ``sparsity`` (pure; scores shaped like params).
-
-  ``scope="local"``: each sparse leaf keeps its count from ``distribution``;
-  ``"global"``: one threshold over all sparse leaves (the SNIP/GraSP/SynFlow
-  papers' choice). With ``masks`` given, only weights they keep can survive.
-  """
-  _check_scope(scope)
-  counts = _counts(scores, sparsity, distribution, filter, keep_dense, overrides)
-  if masks is None:
-    masks = core.masks_from_fn(scores, counts, lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool))
-  else:
-    masks_lib.check_masks(scores, masks)
-  return _select(scores, masks, {n: jnp.int32(k) for n, k in counts.items()}, scope)
-
-
-@functools.partial(jax.jit, static_argnums=(3,))
-def _select(scores: Scores, masks: Any, counts: dict, scope: str) -> Any:
-  """One jitted selection instead of many eager ops; traced counts, so one compile per shapes."""
-  return prune_to_fraction(scores, masks, counts, jnp.float32(1.0), scope, scores)
-
-
 def snip_masks(params: Params, loss_fn: LossFn, batch: Batch, sparsity: float, *,
                scope: str = "global", **kwargs: Any) -> Any:
   """SNIP "prune at init" masks: keep the largest ``|theta * g|`` (global by default)."""
@@ -329,21 +299,8 @@ def score_pruning(inner: optax.GradientTransformation, sparsity: float, score_fn
   prune_steps = tuple(prune_steps)
   if not prune_steps:
     raise ValueError("prune_steps must name at least one step")
-  is_update = schedules.at_steps(*prune_steps)
   sched = sparsity_schedule if sparsity_schedule is not None else (lambda step: jnp.float32(s_f))
-
-  def counts(params):
-    return _counts(params, s_f, distribution, filter, keep_dense, overrides)
-
-  def init_masks(params, key):
-    del key
-    return core.masks_from_fn(params, counts(params),
-                              lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool)), ()
-
-  def update_masks(x: core.MaskUpdateInputs) -> core.MaskUpdate:
-    frac = sched(x.step) / s_f if s_f > 0 else jnp.float32(1.0)
-    new = prune_to_fraction(score_fn(x), x.masks, counts(x.params), frac, scope, x.params)
-    return core.MaskUpdate(new, new, x.aux)
-
-  return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
-                               is_update_step=is_update, seed=seed)
+  return magnitude.score_transform(
+      inner, sched, s_f, schedules.at_steps(*prune_steps), score_fn, scope=scope,
+      distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
+      seed=seed, sparsity_name="sparsity")

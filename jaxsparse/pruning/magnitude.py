@@ -15,6 +15,7 @@ densities fall out of the magnitudes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -65,30 +66,66 @@ def prune_to_fraction(scores: Any, masks: Any, counts: Mapping[str, int], fracti
   return jax.tree.unflatten(treedef, new)
 
 
+def magnitude_scores(params: Any) -> Any:
+  """``|theta|``, the keep score of magnitude pruning (Han et al. 2015)."""
+  return jax.tree.map(jnp.abs, params)
+
+
+def score_masks(scores: Any, sparsity: float, *, scope: str = "global",
+                distribution: dist.Distribution = "uniform", filter: dist.LeafFilter | None = None,
+                keep_dense: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
+                masks: Any = None) -> Any:
+  """Masks that keep the highest ``scores`` to ``sparsity`` (pure; scores shaped like params).
+
+  The one scores -> mask engine of one-shot pruning: :func:`magnitude_masks` and every
+  criterion of :mod:`jaxsparse.pruning.criteria` go through it.
+  ``scope="local"``: each sparse leaf keeps its count from ``distribution``;
+  ``"global"``: one threshold over all sparse leaves (the SNIP/GraSP/SynFlow
+  papers' choice). With ``masks`` given, only weights they keep can survive.
+  """
+  _check_scope(scope)
+  counts = dist.kept_counts(scores, sparsity, distribution=distribution, filter=filter,
+                            keep_dense=keep_dense, overrides=overrides)
+  if masks is None:
+    masks = core.masks_from_fn(scores, counts, lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool))
+  else:
+    masks_lib.check_masks(scores, masks)
+  return _select(scores, masks, {n: jnp.int32(k) for n, k in counts.items()}, scope)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _select(scores: Any, masks: Any, counts: dict, scope: str) -> Any:
+  """One jitted selection instead of many eager ops; traced counts, so one compile per shapes."""
+  return prune_to_fraction(scores, masks, counts, jnp.float32(1.0), scope, scores)
+
+
 def magnitude_masks(params: Any, sparsity: float, *, scope: str = "local",
                     distribution: dist.Distribution = "uniform",
                     filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
                     overrides: Mapping[str, float] | None = None, masks: Any = None) -> Any:
-  """One-shot magnitude masks of ``params`` (e.g. after training), as a pure function.
+  """One-shot magnitude masks of ``params`` (e.g. after training), as a pure function:
+  :func:`score_masks` of :func:`magnitude_scores`, local by default.
 
   With ``masks`` given, only weights they keep can survive (iterative pruning).
   """
-  _check_scope(scope)
-  counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
-                            keep_dense=keep_dense, overrides=overrides)
-  if masks is None:
-    masks = core.masks_from_fn(params, counts, lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool))
-  else:
-    masks_lib.check_masks(params, masks)
-  scores = jax.tree.map(jnp.abs, params)
-  return prune_to_fraction(scores, masks, counts, jnp.float32(1.0), scope, params)
+  return score_masks(magnitude_scores(params), sparsity, scope=scope, distribution=distribution,
+                     filter=filter, keep_dense=keep_dense, overrides=overrides, masks=masks)
 
 
-def _pruning(inner, sparsity_at: Callable[[jax.Array], jax.Array], final_sparsity: float,
-             is_update_step, score_fn, scope, distribution, filter, keep_dense, overrides, seed):
-  """Shared engine of the pruning transforms: masks start all-True and shrink."""
+def score_transform(inner: optax.GradientTransformation,
+                    sparsity_at: Callable[[jax.Array], jax.Array], final_sparsity: float,
+                    is_update_step: Callable[[jax.Array], jax.Array],
+                    score_fn: Callable[[core.MaskUpdateInputs], Any], *, scope: str,
+                    distribution: dist.Distribution, filter: dist.LeafFilter | None,
+                    keep_dense: Sequence[str], overrides: Mapping[str, float] | None,
+                    seed: int = 0, sparsity_name: str = "final_sparsity"
+                    ) -> optax.GradientTransformationExtraArgs:
+  """The one engine of pruning during training (magnitude, gradual, random and
+  :func:`jaxsparse.score_pruning`): masks start all-True and, at each update step, keep the
+  highest ``score_fn(x)`` to the fraction ``sparsity_at(step) / final_sparsity`` of each leaf's
+  (or, global, all sparse leaves') final pruning; they only ever lose weights."""
   _check_scope(scope)
-  s_f = dist.check_sparsity(final_sparsity, "final_sparsity")
+  s_f = dist.check_sparsity(final_sparsity, sparsity_name)
 
   def counts(params):  # static: depends on shapes only
     return dist.kept_counts(params, s_f, distribution=distribution, filter=filter,
@@ -109,7 +146,7 @@ def _pruning(inner, sparsity_at: Callable[[jax.Array], jax.Array], final_sparsit
 
 
 def _magnitude_scores(x: core.MaskUpdateInputs) -> Any:
-  return jax.tree.map(jnp.abs, x.params)
+  return magnitude_scores(x.params)
 
 
 def magnitude_pruning(inner: optax.GradientTransformation, sparsity: float, *,
@@ -124,9 +161,10 @@ def magnitude_pruning(inner: optax.GradientTransformation, sparsity: float, *,
   removed to ``sparsity`` (per leaf, or globally with ``scope="global"``).
   """
   schedules.check_period(1, prune_step)
-  return _pruning(inner, lambda step: jnp.float32(sparsity), sparsity,
-                  schedules.at_steps(prune_step), _magnitude_scores, scope, distribution,
-                  filter, keep_dense, overrides, 0)
+  return score_transform(inner, lambda step: jnp.float32(sparsity), sparsity,
+                         schedules.at_steps(prune_step), _magnitude_scores,
+                         scope=scope, distribution=distribution, filter=filter,
+                         keep_dense=keep_dense, overrides=overrides, sparsity_name="sparsity")
 
 
 def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, *,
@@ -153,8 +191,9 @@ def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, 
                                         update_period=update_period)
   is_update = schedules.periodic(update_period, begin_step,
                                  begin_step + num_updates * update_period + 1)
-  return _pruning(inner, sched, final_sparsity, is_update, _magnitude_scores, scope,
-                  distribution, filter, keep_dense, overrides, 0)
+  return score_transform(inner, sched, final_sparsity, is_update, _magnitude_scores,
+                         scope=scope, distribution=distribution, filter=filter,
+                         keep_dense=keep_dense, overrides=overrides)
 
 
 def random_pruning(inner: optax.GradientTransformation, sparsity: float, *,
@@ -170,9 +209,11 @@ def random_pruning(inner: optax.GradientTransformation, sparsity: float, *,
     return jax.tree.unflatten(treedef, [jax.random.uniform(jax.random.fold_in(x.key, i), l.shape)
                                         for i, l in enumerate(leaves)])
 
-  return _pruning(inner, lambda step: jnp.float32(sparsity), sparsity,
-                  schedules.at_steps(prune_step), random_scores, "local", distribution,
-                  filter, keep_dense, overrides, seed)
+  return score_transform(inner, lambda step: jnp.float32(sparsity), sparsity,
+                         schedules.at_steps(prune_step), random_scores,
+                         scope="local", distribution=distribution, filter=filter,
+                         keep_dense=keep_dense, overrides=overrides, seed=seed,
+                         sparsity_name="sparsity")
 
 
 def rewind(params: Any, masks: Any) -> Any:

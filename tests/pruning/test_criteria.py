@@ -154,6 +154,26 @@ def test_score_pruning_transform_matches_the_pure_masks():
   assert_tree_close(got, expected)
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_magnitude_is_one_criterion_of_the_one_engine(scope):
+  # magnitude_masks is score_masks of magnitude_scores; magnitude_pruning and
+  # score_pruning(batch_score_fn("magnitude")) build the same masks at the same step.
+  from jaxsparse.pruning import magnitude
+  assert criteria.score_masks is magnitude.score_masks
+  p = tiny_params(3)
+  p["fc1"]["kernel"] = p["fc1"]["kernel"].at[0, :2].set(0.5).at[1, :2].set(-0.5)  # ties
+  expected = criteria.score_masks(criteria.magnitude_scores(p), 0.6, scope=scope)
+  assert_tree_close(magnitude.magnitude_masks(p, 0.6, scope=scope), expected)
+  g = jax.tree.map(jnp.ones_like, p)
+  for tx in (magnitude.magnitude_pruning(optax.sgd(0.0), 0.6, prune_step=1, scope=scope),
+             criteria.score_pruning(optax.sgd(0.0), 0.6, criteria.batch_score_fn("magnitude"),
+                                    prune_steps=(1,), scope=scope)):
+    state = tx.init(p)
+    for _ in range(2):
+      _, state = jax.jit(tx.update)(g, state, p)
+    assert_tree_close(state.masks, expected)
+
+
 # ------------------------------------------------------------------ global vs local vs numpy
 
 
