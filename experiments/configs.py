@@ -9,7 +9,7 @@ config is built. A config goes to and from a plain dict / JSON
 :meth:`Config.from_json`) and takes command-line overrides ``key=value``
 (:func:`apply_overrides`): ``epochs=5``, ``method=rigl``,
 ``model_kwargs={"features": [512, 512]}`` or, for one entry of a dict field,
-``method_kwargs.zeta=0.5``. Values are parsed as JSON when they parse (else
+``method_kwargs.drop_fraction=0.5``. Values are parsed as JSON when they parse (else
 taken as a string) and checked against the field's type.
 
 To add an experiment, add an entry to :data:`CONFIGS` (derive from another with

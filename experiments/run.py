@@ -1,7 +1,7 @@
 """Run a named experiment config: ``python -m experiments.run <config> [key=value ...]``.
 
   python -m experiments.run digits_rigl                       # results/runs/digits_rigl/
-  python -m experiments.run digits_set epochs=5 sparsity=0.95 method_kwargs.zeta=0.5
+  python -m experiments.run digits_set epochs=5 sparsity=0.95 method_kwargs.drop_fraction=0.5
   python -m experiments.run digits_dsr --out /tmp/dsr --resume # continue a killed run
   python -m experiments.run --list                             # the known configs
 

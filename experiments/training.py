@@ -59,12 +59,12 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
   """A jaxsparse method by name with the defaults of its paper, scaled to the run.
 
   * ``dense``: no sparsity; ``static``: random ER mask (DSR's baseline);
-  * ``set``: ER, zeta = 0.3, rewiring once per epoch (Mocanu et al. 2018);
+  * ``set``: ER, drop_fraction = 0.3, rewiring once per epoch (Mocanu et al. 2018);
   * ``magnitude``: one-shot global magnitude pruning halfway, then fine-tuning;
   * ``gradual``: Zhu & Gupta from 10% to 60% of training, 100-step period;
   * ``random``: random pruning at step 0;
   * ``rigl``: ERK, dT = 100 steps, alpha = 0.3, T_end = 75% of training;
-  * ``snfs``: prune rate 0.5 cosine-decayed, updates once per epoch;
+  * ``snfs``: drop fraction 0.5 cosine-decayed, updates once per epoch;
   * ``dsr``: H0 = 1e-3, delta = 0.1, Np = 600, period 100 steps doubled at
     25/50/75% of training, stop at 90% (the authors' MNIST schedule);
   * ``deepr``: ``inner`` chained with DeepR's L1 term (1e-5) and Langevin noise
@@ -143,8 +143,9 @@ def _check_method_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
   known = [k for k, v in params.items() if v.kind == v.KEYWORD_ONLY]
   if name == "deepr":
     known += ["learning_rate", "l1", "temperature"]
+  renamed = getattr(_METHOD_FNS[name], "renamed_kwargs", {})  # deprecated names: still taken
   for key in kwargs:
-    if key not in known:
+    if key not in known and key not in renamed:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else "."
       takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"

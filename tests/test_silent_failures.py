@@ -207,7 +207,8 @@ def test_7_nnx_state_works_with_apply_masks_get_masks_summary_and_export():
 def test_8_error_messages_say_what_is_wrong():
   params = mlp_params(jax.random.key(0))
   with pytest.raises(TypeError, match="inject_hyperparams inside it instead, as the inner optimizer"):
-    optax.inject_hyperparams(js.sparse_evolutionary_training)(optax.sgd(0.1), sparsity=0.9, zeta=0.3).init(params)
+    optax.inject_hyperparams(js.sparse_evolutionary_training)(
+        optax.sgd(0.1), sparsity=0.9, drop_fraction=0.3).init(params)
   with pytest.raises(ValueError, match=r"first update step, update_period=100 \(update_start defaults"):
     js.rigl(optax.sgd(0.1), 0.9, update_stop=100)
   masks = js.get_masks(js.static_sparse(optax.sgd(0.1), 0.5).init(params))
@@ -228,8 +229,9 @@ def test_8_error_messages_say_what_is_wrong():
 def test_9_a_bad_override_leaves_no_results_folder(tmp_path, capsys):
   from experiments import run
   out = tmp_path / "run"
-  for override, message in (("method_kwargs.zeta=2", "zeta must be in [0, 1], got 2"),
-                            ("method_kwargs.zetta=0.5", "did you mean 'zeta'")):
+  for override, message in (("method_kwargs.drop_fraction=2",
+                             "drop_fraction must be in [0, 1], got 2"),
+                            ("method_kwargs.drop_fractoin=0.5", "did you mean 'drop_fraction'")):
     for _ in range(2):  # the same command twice: the same real error, no "already exists"
       assert run.main(["smoke", override, "--out", str(out), "--no-progress"]) == 2
       assert message in capsys.readouterr().err

@@ -51,6 +51,7 @@ from jaxsparse.core import schedules, selection as topk, transform as core
 from jaxsparse.methods import sparse_evolutionary
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
+from jaxsparse.core.deprecation import renamed_kwargs
 from jaxsparse.methods.static import random_masks
 
 REGROWN = ("zero", "keep", "exclude")
@@ -117,23 +118,25 @@ class DSTState(NamedTuple):
 
 # ---------------------------------------------------------------------------- drop rules
 
-def _fraction_count(fraction: jax.Array, n: jax.Array, rounding: str) -> jax.Array:
-  x = fraction * n.astype(jnp.float32)
+def _fraction_count(drop_fraction: jax.Array, n: jax.Array, rounding: str) -> jax.Array:
+  x = drop_fraction * n.astype(jnp.float32)
   return (jnp.floor(x) if rounding == "floor" else jnp.ceil(x)).astype(jnp.int32)
 
 
-def drop_magnitude(fraction: schedules.ScalarOrSchedule = 0.3, *, rounding: str = "floor"
+@renamed_kwargs(fraction="drop_fraction")
+def drop_magnitude(drop_fraction: schedules.ScalarOrSchedule = 0.3, *, rounding: str = "floor"
                    ) -> DropRule:
-  """Drops ``k_l = floor(f(t) * nnz_l)`` (or ``ceil``) active weights of smallest ``|w|`` per leaf.
+  """Drops ``k_l = floor(f(t) * nnz_l)`` (or ``ceil``) active weights of smallest ``|w|`` per leaf,
+  ``f = drop_fraction`` (a float or a schedule of the step).
 
   RigL (Evci et al. 2020, sec. 3) with ``floor`` and a cosine ``f``;
   SNFS (Dettmers & Zettlemoyer 2019, alg. 1) with ``ceil``. Ties at equal
   ``|w|`` drop the lower flat index first.
   """
-  schedules.check_fraction(fraction, "fraction")
+  schedules.check_fraction(drop_fraction, "drop_fraction")
   if rounding not in ("floor", "ceil"):
     raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
-  f_at = schedules.as_schedule(fraction)
+  f_at = schedules.as_schedule(drop_fraction)
 
   def apply(layers: Layers, state: Any):
     f = jnp.clip(f_at(layers.step), 0.0, 1.0)
@@ -144,12 +147,13 @@ def drop_magnitude(fraction: schedules.ScalarOrSchedule = 0.3, *, rounding: str 
   return DropRule(lambda: (), apply)
 
 
-def drop_set(zeta: schedules.ScalarOrSchedule = 0.3) -> DropRule:
-  """SET's drop (Mocanu et al. 2018, alg. 1): per leaf the ``floor(zeta * n_pos)``
-  positive and ``floor(zeta * n_neg)`` negative active weights closest to zero,
-  and every active weight that is exactly zero."""
-  schedules.check_fraction(zeta, "zeta")
-  z_at = schedules.as_schedule(zeta)
+@renamed_kwargs(zeta="drop_fraction")
+def drop_set(drop_fraction: schedules.ScalarOrSchedule = 0.3) -> DropRule:
+  """SET's drop (Mocanu et al. 2018, alg. 1): per leaf the ``floor(f * n_pos)``
+  positive and ``floor(f * n_neg)`` negative active weights closest to zero,
+  and every active weight that is exactly zero (``f = drop_fraction``, the paper's zeta)."""
+  schedules.check_fraction(drop_fraction, "drop_fraction")
+  z_at = schedules.as_schedule(drop_fraction)
 
   def apply(layers: Layers, state: Any):
     z = jnp.clip(z_at(layers.step), 0.0, 1.0)
@@ -517,8 +521,9 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, update_stop: i
       block_shape=block_shape, seed=seed)
 
 
+@renamed_kwargs(prune_rate="drop_fraction", min_prune_rate="min_drop_fraction")
 def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: int,
-         update_period: int, prune_rate: float = 0.5, min_prune_rate: float = 0.005,
+         update_period: int, drop_fraction: float = 0.5, min_drop_fraction: float = 0.005,
          momentum: float = 0.9, update_start: int | None = None, update_stop: int | None = None,
          distribution: dist.Distribution = "uniform", filter: dist.LeafFilter | None = None,
          keep_dense: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
@@ -530,8 +535,9 @@ def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: i
   drops ``ceil(p(t) * nnz)`` active weights of smallest ``|w|``; the total is
   regrown over the leaves in proportion to their mean ``|momentum|`` over
   active weights, each leaf growing its absent weights of largest
-  ``|momentum|``. ``p(t)`` decays by a cosine from ``prune_rate`` (0.5) to
-  ``min_prune_rate`` (0.005, the authors' code) over ``total_steps``. The
+  ``|momentum|``. ``p(t)`` (the paper's prune rate) decays by a cosine from
+  ``drop_fraction`` (0.5) to ``min_drop_fraction`` (0.005, the authors' code) over
+  ``total_steps`` (``prune_rate=`` and ``min_prune_rate=`` are their deprecated names). The
   momentum is ``m <- momentum * m + g`` of the raw dense gradient (the
   authors read SGD's momentum buffer, which in their code sees the dense
   gradient). Uniform initial densities, as in the authors' code; unlike it,
@@ -540,12 +546,13 @@ def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: i
   """
   if not isinstance(total_steps, int) or total_steps <= 0:
     raise ValueError(f"total_steps must be an int > 0, got {total_steps!r}")
-  schedules.check_fraction(prune_rate, "prune_rate")
-  schedules.check_fraction(min_prune_rate, "min_prune_rate")
-  if prune_rate == 0 or min_prune_rate > prune_rate:
-    raise ValueError(f"need 0 <= min_prune_rate <= prune_rate and prune_rate > 0, got "
-                     f"prune_rate={prune_rate!r}, min_prune_rate={min_prune_rate!r}")
-  rate = optax.cosine_decay_schedule(prune_rate, total_steps, alpha=min_prune_rate / prune_rate)
+  schedules.check_fraction(drop_fraction, "drop_fraction")
+  schedules.check_fraction(min_drop_fraction, "min_drop_fraction")
+  if drop_fraction == 0 or min_drop_fraction > drop_fraction:
+    raise ValueError(f"need 0 <= min_drop_fraction <= drop_fraction and drop_fraction > 0, got "
+                     f"drop_fraction={drop_fraction!r}, min_drop_fraction={min_drop_fraction!r}")
+  rate = optax.cosine_decay_schedule(drop_fraction, total_steps,
+                                     alpha=min_drop_fraction / drop_fraction)
   return dynamic_sparse(
       inner, sparsity, drop=drop_magnitude(rate, rounding="ceil"), grow=grow_momentum(),
       redistribute=by_momentum(),
@@ -590,8 +597,9 @@ def dsr(inner: optax.GradientTransformation, sparsity: float, *, target_pruned: 
       overrides=overrides, block_shape=block_shape, seed=seed)
 
 
+@renamed_kwargs(zeta="drop_fraction")
 def block_set(inner: optax.GradientTransformation, sparsity: float, *,
-              block_shape: tuple[int, int], zeta: schedules.ScalarOrSchedule = 0.3,
+              block_shape: tuple[int, int], drop_fraction: schedules.ScalarOrSchedule = 0.3,
               update_period: int = 100, update_start: int | None = None,
               update_stop: int | None = None, regrowth: Any = "zero",
               distribution: dist.Distribution = "er",
@@ -601,14 +609,14 @@ def block_set(inner: optax.GradientTransformation, sparsity: float, *,
   """SET (Mocanu et al. 2018) at block granularity, for the block-sparse kernel.
 
   A block has no sign, so SET's "smallest positive and largest negative"
-  becomes: drop ``floor(zeta * nnz_blocks)`` blocks of smallest mean ``|w|``
+  becomes: drop ``floor(drop_fraction * nnz_blocks)`` blocks of smallest mean ``|w|``
   per leaf, regrow as many blocks at random among the absent ones (at zero; or as
   ``regrowth`` says, see :func:`jaxsparse.sparse_evolutionary_training`). For element-wise SET use
   :func:`jaxsparse.sparse_evolutionary_training`.
   """
   return dynamic_sparse(
-      inner, sparsity, drop=drop_magnitude(zeta), grow=grow_random(), redistribute=same_layer(),
+      inner, sparsity, drop=drop_magnitude(drop_fraction), grow=grow_random(),
+      redistribute=same_layer(),
       is_update_step=schedules.periodic(update_period, update_start, update_stop), regrown="zero",
-      regrowth=regrowth,
-      distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
+      regrowth=regrowth, distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
       block_shape=block_shape, seed=seed)

@@ -3,9 +3,9 @@
 Algorithm 1 of the paper, per sparse layer, every ``update_period`` steps
 (the paper: every epoch):
 
-1. remove the fraction ``zeta`` of the smallest positive weights and of the
-   largest negative weights, i.e. ``floor(zeta * n_pos)`` positive weights
-   closest to zero and ``floor(zeta * n_neg)`` negative weights closest to zero
+1. remove the fraction ``drop_fraction`` (the paper's zeta) of the smallest positive weights
+   and of the largest negative weights, i.e. ``floor(drop_fraction * n_pos)`` positive weights
+   closest to zero and ``floor(drop_fraction * n_neg)`` negative weights closest to zero
    (active weights that are exactly zero lie between the two thresholds and
    are removed too, as in the authors' code);
 2. add as many connections uniformly at random among the connections that are
@@ -36,26 +36,29 @@ import optax
 from jaxsparse.core import schedules, selection as topk, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
+from jaxsparse.core.deprecation import renamed_kwargs
 from jaxsparse.methods.static import random_masks
 
 
-def set_drop(values: jax.Array, zeta: jax.Array) -> jax.Array:
+@renamed_kwargs(zeta="drop_fraction")
+def set_drop(values: jax.Array, drop_fraction: jax.Array) -> jax.Array:
   """Step 1 of SET on the active weights ``values`` of one layer: which ones are removed.
 
-  The ``floor(zeta * n_pos)`` positive and ``floor(zeta * n_neg)`` negative
-  values closest to zero, and every value that is exactly zero.
+  The ``floor(drop_fraction * n_pos)`` positive and ``floor(drop_fraction * n_neg)``
+  negative values closest to zero, and every value that is exactly zero.
   """
-  return set_drop_each([values], zeta)[0]
+  return set_drop_each([values], drop_fraction)[0]
 
 
+@renamed_kwargs(zeta="drop_fraction")
 @functools.partial(jax.jit, inline=True)  # one compile when called eagerly (see topk)
-def set_drop_each(values: Sequence[jax.Array], zeta: jax.Array) -> list[jax.Array]:
+def set_drop_each(values: Sequence[jax.Array], drop_fraction: jax.Array) -> list[jax.Array]:
   """:func:`set_drop` for several layers at once, in one selection (a program with many
   layers holds it once): group ``2 l`` is layer l's positives, ``2 l + 1`` its negatives."""
   sizes = [v.shape[0] for v in values]
   vals = _concat(values)
   pos, neg = vals > 0, vals < 0
-  k = jnp.floor(zeta * topk.count_true_each([s for v in values for s in (v > 0, v < 0)]))
+  k = jnp.floor(drop_fraction * topk.count_true_each([s for v in values for s in (v > 0, v < 0)]))
   groups = jnp.asarray(np.repeat(2 * np.arange(len(sizes)), sizes), jnp.int32) + neg
   drop = topk.smallest_k_per_group(jnp.abs(vals), groups, k.astype(jnp.int32), pos | neg)
   return _split(drop | (vals == 0), sizes)
@@ -86,15 +89,16 @@ class SETState(NamedTuple):
 _REMOVED = -128  # int8 code of an absent weight in set_rewire_each's codes (a survivor is 127)
 
 
-def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array, zeta: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+@renamed_kwargs(zeta="drop_fraction")
+def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
+               drop_fraction: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One SET update of one layer.
 
   Args:
     key: PRNG key of this update.
     w: the layer's weights; mask: its mask; active: the flat indices of its
       ``nnz`` active weights (the order is irrelevant).
-    zeta: the drop fraction.
+    drop_fraction: the fraction dropped on each side (the paper's zeta).
 
   Returns:
     ``(new_mask, survivors, new_active)``: the dropped slots of ``active`` are
@@ -102,13 +106,14 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
     connections absent after the drop (so a just-dropped connection may come
     back, as in the authors' code).
   """
-  (new,), (kept,), (new_active,) = set_rewire_each(key, [w], [mask], [active], zeta)
+  (new,), (kept,), (new_active,) = set_rewire_each(key, [w], [mask], [active], drop_fraction)
   return new, kept, new_active
 
 
+@renamed_kwargs(zeta="drop_fraction")
 @functools.partial(jax.jit, inline=True)
 def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax.Array],
-                    actives: Sequence[jax.Array], zeta: jax.Array,
+                    actives: Sequence[jax.Array], drop_fraction: jax.Array,
                     grow_codes: jax.Array | None = None) -> tuple[list, list, list]:
   """:func:`set_rewire` for several layers at once: one drop selection and one set of
   random draws for all (so a program holds them once, however many layers it has).
@@ -120,7 +125,7 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   every step on CPU).
   """
   sizes = [a.shape[0] for a in actives]
-  drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], zeta)
+  drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], drop_fraction)
   kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
   n_grow = topk.count_true_each(drops)
   grown = topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes)
@@ -144,19 +149,22 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   return (new, [k.reshape(m.shape) for k, m in zip(kept, masks)], _split(new_active, sizes))
 
 
-def sparse_evolutionary_training(inner: optax.GradientTransformation, sparsity: float, *, zeta: schedules.ScalarOrSchedule = 0.3,
-        update_period: int = 100, update_start: int | None = None, update_stop: int | None = None,
-        regrowth: Any = "init", distribution: dist.Distribution = "er",
-        filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
-        overrides: Mapping[str, float] | None = None,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+@renamed_kwargs(zeta="drop_fraction")
+def sparse_evolutionary_training(
+    inner: optax.GradientTransformation, sparsity: float, *,
+    drop_fraction: schedules.ScalarOrSchedule = 0.3, update_period: int = 100,
+    update_start: int | None = None, update_stop: int | None = None, regrowth: Any = "init",
+    distribution: dist.Distribution = "er", filter: dist.LeafFilter | None = None,
+    keep_dense: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
+    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET as an optax wrapper around ``inner``.
 
   Args:
     inner: the optimizer (the paper: SGD with momentum 0.9).
     sparsity: global fraction of removed weights over the sparse leaves.
-    zeta: fraction removed on each side at each update (paper: 0.3); a float or
-      an ``optax`` schedule of the step (e.g. :func:`schedules.cosine_drop_fraction`).
+    drop_fraction: fraction removed on each side at each update (the paper's zeta, 0.3); a
+      float or an ``optax`` schedule of the step (e.g. :func:`schedules.cosine_drop_fraction`);
+      ``zeta=`` is its deprecated name.
     update_period: steps between mask updates; use ``steps_per_epoch`` for the
       paper's once-per-epoch rewiring.
     update_start, update_stop: first update step (``None``: ``update_period``,
@@ -183,10 +191,10 @@ def sparse_evolutionary_training(inner: optax.GradientTransformation, sparsity: 
   instead).
   """
   dist.check_sparsity(sparsity)
-  schedules.check_fraction(zeta, "zeta")
+  schedules.check_fraction(drop_fraction, "drop_fraction")
   core.check_regrowth(regrowth)
   is_update_step = schedules.periodic(update_period, update_start, update_stop)
-  zeta_at = schedules.as_schedule(zeta)
+  fraction_at = schedules.as_schedule(drop_fraction)
   # "init" draws travel as int8 codes in units of 1/126 of 4 standard deviations (see
   # core.sparse_transform: free off update steps); a callable's values exactly.
   grow_values = False if regrowth == "zero" else ("int8" if regrowth == "init" else True)
@@ -208,7 +216,7 @@ def sparse_evolutionary_training(inner: optax.GradientTransformation, sparsity: 
     return masks, SETState(active, scale)
 
   def update_masks(x: core.MaskUpdateInputs):
-    z = zeta_at(x.step)
+    z = fraction_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
     sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]

@@ -38,7 +38,7 @@ METHODS = ("set", "rigl", "dsr", "gradual_global")
 def make_tx(method: str) -> optax.GradientTransformation:
   inner = optax.sgd(0.05, momentum=0.9)
   if method == "set":
-    return js.sparse_evolutionary_training(inner, 0.8, zeta=0.3, update_period=10, seed=1)
+    return js.sparse_evolutionary_training(inner, 0.8, drop_fraction=0.3, update_period=10, seed=1)
   if method == "rigl":
     return js.rigl(inner, 0.8, update_stop=80, update_period=10, seed=2)
   if method == "dsr":

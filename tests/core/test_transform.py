@@ -27,7 +27,8 @@ def sparse_leaves(tree, masks):
 
 
 def test_set_invariants_over_200_jitted_steps():
-  tx = js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.9, update_period=10, zeta=0.3)
+  tx = js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.9, update_period=10,
+                                       drop_fraction=0.3)
   params0 = mlp_params(jax.random.key(0))
   expected = js.kept_counts(params0, 0.9, distribution="er")
   changed = []
@@ -173,8 +174,8 @@ def test_bad_input_errors():
     js.sparse_evolutionary_training(optax.sgd(0.1), 0.9, update_period=0)
   with pytest.raises(ValueError, match="sparsity"):
     js.sparse_evolutionary_training(optax.sgd(0.1), 1.0)
-  with pytest.raises(ValueError, match="zeta"):
-    js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, zeta=1.5)
+  with pytest.raises(ValueError, match="drop_fraction"):
+    js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, drop_fraction=1.5)
   params = mlp_params(jax.random.key(0))
   bad_masks = {"fc1": {"kernel": jnp.ones((3, 3), bool), "bias": jnp.asarray(True)}}
   with pytest.raises(ValueError, match="masks: leaf 'fc2/bias' of params is missing from masks"):

@@ -311,12 +311,14 @@ def test_bad_input_names_the_argument():
     deep_rewiring.deep_r_optimizer(0.1, temperature=-1.0)
   with pytest.raises(ValueError, match="drop_fraction"):
     dst.rigl(inner, 0.9, update_stop=100, drop_fraction=1.5)
-  with pytest.raises(ValueError, match="fraction"):
+  with pytest.raises(ValueError, match="drop_fraction"):
     dst.drop_magnitude(-0.1)
-  with pytest.raises(ValueError, match="zeta"):
+  with pytest.raises(ValueError, match="drop_fraction"):
     dst.drop_set(2.0)
-  with pytest.raises(ValueError, match="prune_rate"):
-    dst.snfs(inner, 0.9, total_steps=100, update_period=10, prune_rate=1.2)
+  with pytest.raises(ValueError, match="drop_fraction"):
+    dst.snfs(inner, 0.9, total_steps=100, update_period=10, drop_fraction=1.2)
+  with pytest.raises(ValueError, match="min_drop_fraction"):
+    dst.snfs(inner, 0.9, total_steps=100, update_period=10, min_drop_fraction=0.6)
   with pytest.raises(ValueError, match="regrown"):
     dst.dynamic_sparse(inner, 0.9, drop=dst.drop_magnitude(), grow=dst.grow_random(),
                        is_update_step=schedules.periodic(10), regrown="sometimes")
@@ -387,3 +389,53 @@ def test_block_shape_must_divide_the_leaves():
     dst.rigl(optax.sgd(0.1), 0.8, update_stop=100, update_period=10, block_shape=(8, 8)).init(params)
   with pytest.raises(ValueError, match="block_shape"):
     dst.rigl(optax.sgd(0.1), 0.8, update_stop=100, update_period=10, block_shape=(8,))
+
+
+# ---------------------------------------------------------------- deprecated keyword names
+
+def _masks_after(tx, steps=3):
+  params = mlp_params(jax.random.key(0))
+  state, update = tx.init(params), jax.jit(tx.update)
+  for x, y in batches(steps, batch=16):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return js.get_masks(state)
+
+
+_RENAMED = [  # (factory, deprecated keywords, the same under their new names)
+    (lambda **kw: js.sparse_evolutionary_training(optax.sgd(0.1), 0.8, update_period=1,
+                                                  update_start=1, **kw),
+     {"zeta": 0.5}, {"drop_fraction": 0.5}),
+    (lambda **kw: dst.snfs(optax.sgd(0.1, 0.9), 0.8, total_steps=3, update_period=1,
+                           update_start=1, **kw),
+     {"prune_rate": 0.4, "min_prune_rate": 0.1}, {"drop_fraction": 0.4, "min_drop_fraction": 0.1}),
+    (lambda **kw: dst.block_set(optax.sgd(0.1), 0.5, block_shape=(2, 2), update_period=1,
+                                update_start=1, filter=lambda n, p: n == "fc2/kernel", **kw),
+     {"zeta": 0.5}, {"drop_fraction": 0.5}),
+    (lambda **kw: dst.dynamic_sparse(optax.sgd(0.1), 0.8, drop=dst.drop_magnitude(**kw),
+                                     grow=dst.grow_gradient(),
+                                     is_update_step=schedules.periodic(1, 1)),
+     {"fraction": 0.4}, {"drop_fraction": 0.4}),
+    (lambda **kw: dst.dynamic_sparse(optax.sgd(0.1), 0.8, drop=dst.drop_set(**kw),
+                                     grow=dst.grow_random(),
+                                     is_update_step=schedules.periodic(1, 1)),
+     {"zeta": 0.4}, {"drop_fraction": 0.4}),
+]
+
+
+@pytest.mark.parametrize("make,old,new", _RENAMED, ids=["set", "snfs", "block_set",
+                                                        "drop_magnitude", "drop_set"])
+def test_deprecated_drop_fraction_names_warn_and_give_the_same_masks(make, old, new):
+  for o, n in zip(old, new):
+    with pytest.warns(DeprecationWarning, match=f"'{o}' is deprecated; use '{n}'"):
+      make(**{o: old[o]})
+  with pytest.warns(DeprecationWarning):
+    deprecated = _masks_after(make(**old))
+  expected = _masks_after(make(**new))
+  for a, b in zip(jax.tree.leaves(deprecated), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.all(np.asarray(m)) for m in jax.tree.leaves(expected))  # a sparse leaf
+  o, n = next(iter(old)), next(iter(new))
+  with pytest.raises(TypeError, match=f"got both '{o}' and '{n}'"):
+    make(**{o: old[o], n: new[n]})

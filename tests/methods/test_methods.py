@@ -33,9 +33,18 @@ def test_set_drop_and_rewire_hand_example():
   assert new.sum() == 10 and np.all(new[expected_kept])
   np.testing.assert_array_equal(np.sort(np.asarray(new_active)), np.flatnonzero(new))
 
+  # zeta= is the deprecated name of drop_fraction: it warns and gives the same result.
+  for fn, args in ((se.set_drop, (w.reshape(-1)[active],)),
+                   (se.set_drop_each, ([w.reshape(-1)[active]],)),
+                   (se.set_rewire, (jax.random.key(0), w, m, active)),
+                   (se.set_rewire_each, (jax.random.key(0), [w], [m], [active]))):
+    with pytest.warns(DeprecationWarning, match="'zeta' is deprecated; use 'drop_fraction'"):
+      old = fn(*args, zeta=jnp.float32(0.5))
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(fn(*args, jnp.float32(0.5)))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 def test_set_regrowth_is_uniform_over_absent_connections():
-  # 2 of 8 weights active; both are dropped every update (zeta=1), so 2 of the 8 positions
+  # 2 of 8 weights active; both are dropped every update (drop_fraction=1), so 2 of the 8 positions
   # are drawn anew each time: each position should be chosen with probability 1/4.
   mask = jnp.zeros((2, 4), bool).at[0, 0].set(True).at[1, 3].set(True)
   w = jnp.where(mask, 1.0, 0.0)
@@ -51,7 +60,7 @@ def test_set_regrowth_is_uniform_over_absent_connections():
 def test_set_transform_one_update_by_hand():
   w = jnp.array([[0.5, -0.2, 0.1, 0.0], [-0.9, 0.3, -0.05, 0.0]])
   params = {"w": w, "b": jnp.zeros(4)}
-  tx = js.sparse_evolutionary_training(optax.sgd(0.0), 0.25, zeta=0.5, update_period=1, update_start=0, regrowth="zero")
+  tx = js.sparse_evolutionary_training(optax.sgd(0.0), 0.25, drop_fraction=0.5, update_period=1, update_start=0, regrowth="zero")
   state = tx.init(params)
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
   active = jnp.flatnonzero(mask, size=6).astype(jnp.int32)
