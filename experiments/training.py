@@ -17,15 +17,15 @@ import numpy as np
 import optax
 
 from experiments import data
-from jaxsparse.core import masks as masks_lib, transform as core
+from jaxsparse.core import masks as masks_lib, registry, transform as core
 from jaxsparse.methods import deep_rewiring, dst
 from jaxsparse.pruning import magnitude
 from jaxsparse.nn import models
 from jaxsparse.regularizers import penalties as regularisers
 from jaxsparse.methods import sparse_evolutionary, static
 
-METHODS = ("dense", "static", "set", "magnitude", "gradual", "random", "rigl", "snfs", "dsr",
-           "deepr")
+# The library's registered methods (jaxsparse.core.registry), each with its run-scaled defaults.
+METHODS = registry.names()
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step")
 
@@ -82,70 +82,25 @@ def make_method(name: str, inner: optax.GradientTransformation, sparsity: float,
   """
   if name not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
-  if name == "dense":  # no hyperparameters: kwargs meant for the sparse methods of a sweep
-    return static.dense(inner)
+  if not registry.get(name).hyperparameters:  # dense: kwargs meant for a sweep's sparse methods
+    return registry.build(name, inner, sparsity, total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch, seed=seed)
   _check_method_kwargs(name, kwargs)
   model_filter = None if model is None else models.default_sparse_filter(model)
   if model_filter is not None and kwargs.get("filter") is None:
     kwargs = {**kwargs, "filter": model_filter}
-  if name == "static":
-    return static.static_sparse(inner, sparsity, **{"distribution": "er", "seed": seed, **kwargs})
-  if name == "set":
-    return sparse_evolutionary.sparse_evolutionary_training(inner, sparsity, **{
-        "update_period": steps_per_epoch, "update_start": steps_per_epoch, "seed": seed, **kwargs})
-  if name == "magnitude":
-    return magnitude.magnitude_pruning(inner, sparsity, **{
-        "prune_step": total_steps // 2, "scope": "global", **kwargs})
-  if name == "gradual":
-    begin = total_steps // 10
-    period = max(1, min(100, total_steps // 20))
-    n = max(1, (total_steps * 6 // 10 - begin) // period)
-    return magnitude.gradual_pruning(inner, sparsity, **{
-        "begin_step": begin, "num_updates": n, "update_period": period, **kwargs})
-  if name == "rigl":
-    return dst.rigl(inner, sparsity, **{"update_stop": max(1, total_steps * 3 // 4),
-                                         "update_period": max(1, min(100, total_steps // 20)),
-                                         "seed": seed, **kwargs})
-  if name == "snfs":
-    return dst.snfs(inner, sparsity, **{"total_steps": total_steps,
-                                         "update_period": steps_per_epoch, "seed": seed, **kwargs})
-  if name == "dsr":
-    doubling = tuple(sorted({int(total_steps * q) for q in (0.25, 0.5, 0.75)} - {0}))
-    period = max(1, min(100, total_steps // 20))
-    return dst.dsr(inner, sparsity, **{"update_period": period,
-                                        "doubling_steps": tuple(d for d in doubling if d > period),
-                                        "update_stop": max(period + 1, total_steps * 9 // 10),
-                                        "seed": seed, **kwargs})
-  if name == "deepr":
-    kwargs = dict(kwargs)
-    lr = kwargs.pop("learning_rate", 0.01)
-    l1 = kwargs.pop("l1", 1e-5)
-    temperature = kwargs.pop("temperature", optax.piecewise_constant_schedule(
-        1e-5, {int(total_steps * q): f for q, f in ((0.25, 1e-3), (0.5, 1e-4), (0.75, 1e-3))}))
-    chain = optax.chain(regularisers.add_l1(l1), inner,
-                        deep_rewiring.add_langevin_noise(temperature, lr, seed))
-    return deep_rewiring.deep_r(chain, sparsity, **{"seed": seed, **kwargs})
-  return magnitude.random_pruning(inner, sparsity, **{"seed": seed, **kwargs})
-
-
-_METHOD_FNS = {"dense": static.dense, "static": static.static_sparse,
-               "set": sparse_evolutionary.sparse_evolutionary_training, "magnitude": magnitude.magnitude_pruning,
-               "gradual": magnitude.gradual_pruning, "random": magnitude.random_pruning,
-               "rigl": dst.rigl, "snfs": dst.snfs, "dsr": dst.dsr, "deepr": deep_rewiring.deep_r}
+  return registry.build(name, inner, sparsity, total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, seed=seed, **kwargs)
 
 
 def _check_method_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
   """Raises TypeError naming an argument that method ``name`` does not take (with the
-  closest one it does), before anything is built."""
+  closest one it does), before anything is built. Deprecated names are still taken."""
   import difflib
-  import inspect
-  params = inspect.signature(_METHOD_FNS[name]).parameters
-  known = [k for k, v in params.items() if v.kind == v.KEYWORD_ONLY]
-  if name == "deepr":
-    known += ["learning_rate", "l1", "temperature"]
-  renamed = getattr(_METHOD_FNS[name], "renamed_kwargs", {})  # deprecated names: still taken
+  spec = registry.get(name)
+  known = list(spec.keywords())
   for key in kwargs:
-    if key not in known and key not in renamed:
+    if key not in known and key not in spec.renamed():
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else "."
       takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"

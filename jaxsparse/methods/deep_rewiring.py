@@ -38,13 +38,13 @@ eta 0.01, alpha 1e-5, ``T`` annealed 1e-5 -> 1e-8 -> 1e-12 -> 1e-15.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse.core import schedules, selection as topk, transform as core
+from jaxsparse.core import registry, schedules, selection as topk, transform as core
 from jaxsparse.regularizers import penalties as regularisers
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
@@ -143,3 +143,29 @@ def deep_r(inner: optax.GradientTransformation, sparsity: float, *,
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=lambda step: jnp.bool_(True), seed=seed)
+
+
+def _deep_r_around(inner: optax.GradientTransformation, sparsity: float, *,
+                   learning_rate: schedules.ScalarOrSchedule = 0.01, l1: float = 1e-5,
+                   temperature: schedules.ScalarOrSchedule = 1e-5,
+                   distribution: dist.Distribution = "uniform",
+                   filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
+                   overrides: Mapping[str, float] | None = None,
+                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """DeepR with any ``inner`` optimizer: ``inner`` chained with DeepR's L1 term and Langevin
+  noise (``eta = learning_rate``, the inner optimizer's), then :func:`deep_r`."""
+  chain = optax.chain(regularisers.add_l1(l1), inner,
+                      add_langevin_noise(temperature, learning_rate, seed))
+  return deep_r(chain, sparsity, distribution=distribution, filter=filter, keep_dense=keep_dense,
+                overrides=overrides, seed=seed)
+
+
+def _defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """``T`` annealed 1e-5 -> 1e-8 -> 1e-12 -> 1e-15 at 25, 50 and 75% of training."""
+  del steps_per_epoch
+  temperature = optax.piecewise_constant_schedule(
+      1e-5, {int(total_steps * q): f for q, f in ((0.25, 1e-3), (0.5, 1e-4), (0.75, 1e-3))})
+  return {"temperature": temperature, "seed": seed}
+
+
+registry.register("deepr", _deep_r_around, _defaults)

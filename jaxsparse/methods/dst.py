@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxsparse.core import schedules, selection as topk, transform as core
+from jaxsparse.core import registry, schedules, selection as topk, transform as core
 from jaxsparse.methods import sparse_evolutionary
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
@@ -521,6 +521,16 @@ def rigl(inner: optax.GradientTransformation, sparsity: float, *, update_stop: i
       block_shape=block_shape, seed=seed)
 
 
+def _rigl_defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """T_end at 75% of training (the paper's), dT = 100 steps or a 20th of a shorter run."""
+  del steps_per_epoch
+  return {"update_stop": max(1, total_steps * 3 // 4),
+          "update_period": registry.run_period(total_steps), "seed": seed}
+
+
+registry.register("rigl", rigl, _rigl_defaults)
+
+
 @renamed_kwargs(prune_rate="drop_fraction", min_prune_rate="min_drop_fraction")
 def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: int,
          update_period: int, drop_fraction: float = 0.5, min_drop_fraction: float = 0.005,
@@ -561,6 +571,14 @@ def snfs(inner: optax.GradientTransformation, sparsity: float, *, total_steps: i
       keep_dense=keep_dense, overrides=overrides, block_shape=block_shape, seed=seed)
 
 
+def _snfs_defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """The drop fraction decays over the whole run; updates once per epoch (the paper's)."""
+  return {"total_steps": total_steps, "update_period": steps_per_epoch, "seed": seed}
+
+
+registry.register("snfs", snfs, _snfs_defaults)
+
+
 def dsr(inner: optax.GradientTransformation, sparsity: float, *, target_pruned: int = 600,
         initial_threshold: float = 1e-3, tolerance: float = 0.1, update_period: int = 100,
         doubling_steps: Sequence[int] = (), update_start: int | None = None,
@@ -595,6 +613,19 @@ def dsr(inner: optax.GradientTransformation, sparsity: float, *, target_pruned: 
                                                  update_start, update_stop),
       regrown="exclude", distribution=distribution, filter=filter, keep_dense=keep_dense,
       overrides=overrides, block_shape=block_shape, seed=seed)
+
+
+def _dsr_defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """The authors' MNIST schedule scaled to the run: period 100 steps (or a 20th of a shorter
+  run) doubled at 25, 50 and 75% of training, updates stop at 90%."""
+  del steps_per_epoch
+  doubling = tuple(sorted({int(total_steps * q) for q in (0.25, 0.5, 0.75)} - {0}))
+  period = registry.run_period(total_steps)
+  return {"update_period": period, "doubling_steps": tuple(d for d in doubling if d > period),
+          "update_stop": max(period + 1, total_steps * 9 // 10), "seed": seed}
+
+
+registry.register("dsr", dsr, _dsr_defaults)
 
 
 @renamed_kwargs(zeta="drop_fraction")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse.core import schedules, selection as topk, transform as core
+from jaxsparse.core import registry, schedules, selection as topk, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
 from jaxsparse.core.deprecation import renamed_kwargs
@@ -258,3 +258,12 @@ def sparse_evolutionary_training(
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, grow_values=grow_values, seed=seed)
+
+
+def _defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """The paper's rewiring once per epoch, the first after one epoch of training."""
+  del total_steps
+  return {"update_period": steps_per_epoch, "update_start": steps_per_epoch, "seed": seed}
+
+
+registry.register("set", sparse_evolutionary_training, _defaults)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse.core import selection as topk, transform as core
+from jaxsparse.core import registry, selection as topk, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
 
@@ -34,6 +34,9 @@ def dense(inner: optax.GradientTransformation) -> optax.GradientTransformationEx
                                is_update_step=lambda step: jnp.bool_(False))
 
 
+registry.register("dense", dense, hyperparameters=False)
+
+
 def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
                   distribution: dist.Distribution = "uniform",
                   filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
@@ -53,6 +56,11 @@ def static_sparse(inner: optax.GradientTransformation, sparsity: float, *,
 
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=None,
                                is_update_step=lambda step: jnp.bool_(False), seed=seed)
+
+
+# A random ER mask: the DSR paper's static baseline.
+registry.register("static", static_sparse,
+                  lambda total_steps, steps_per_epoch, seed: {"distribution": "er", "seed": seed})
 
 
 def keep_masks(inner: optax.GradientTransformation, masks: Any

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse.core import selection as topk, transform as core
+from jaxsparse.core import registry, selection as topk, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
 from jaxsparse.core import schedules
@@ -167,6 +167,12 @@ def magnitude_pruning(inner: optax.GradientTransformation, sparsity: float, *,
                          keep_dense=keep_dense, overrides=overrides, sparsity_name="sparsity")
 
 
+# One-shot global magnitude pruning halfway through the run, then fine-tuning.
+registry.register("magnitude", magnitude_pruning,
+                  lambda total_steps, steps_per_epoch, seed: {"prune_step": total_steps // 2,
+                                                              "scope": "global"})
+
+
 def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, *,
                     initial_sparsity: float = 0.0, begin_step: int = 0, num_updates: int = 10,
                     update_period: int = 100, scope: str = "local",
@@ -196,6 +202,17 @@ def gradual_pruning(inner: optax.GradientTransformation, final_sparsity: float, 
                          keep_dense=keep_dense, overrides=overrides)
 
 
+def _gradual_defaults(total_steps: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+  """Pruning from 10% to 60% of the run, every 100 steps (or a 20th of a shorter run)."""
+  del steps_per_epoch, seed
+  begin, period = total_steps // 10, registry.run_period(total_steps)
+  return {"begin_step": begin, "num_updates": max(1, (total_steps * 6 // 10 - begin) // period),
+          "update_period": period}
+
+
+registry.register("gradual", gradual_pruning, _gradual_defaults)
+
+
 def random_pruning(inner: optax.GradientTransformation, sparsity: float, *,
                    prune_step: int = 0, distribution: dist.Distribution = "uniform",
                    filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
@@ -214,6 +231,10 @@ def random_pruning(inner: optax.GradientTransformation, sparsity: float, *,
                          scope="local", distribution=distribution, filter=filter,
                          keep_dense=keep_dense, overrides=overrides, seed=seed,
                          sparsity_name="sparsity")
+
+
+registry.register("random", random_pruning,
+                  lambda total_steps, steps_per_epoch, seed: {"seed": seed})
 
 
 def rewind(params: Any, masks: Any) -> Any:
