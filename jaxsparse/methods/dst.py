@@ -649,5 +649,6 @@ def block_set(inner: optax.GradientTransformation, sparsity: float, *,
       inner, sparsity, drop=drop_magnitude(drop_fraction), grow=grow_random(),
       redistribute=same_layer(),
       is_update_step=schedules.periodic(update_period, update_start, update_stop), regrown="zero",
-      regrowth=regrowth, distribution=distribution, filter=filter, keep_dense=keep_dense, overrides=overrides,
+      regrowth=regrowth, distribution=distribution, filter=filter, keep_dense=keep_dense,
+      overrides=overrides,
       block_shape=block_shape, seed=seed)

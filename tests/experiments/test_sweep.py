@@ -65,7 +65,8 @@ def test_plan_always_adds_the_baselines_and_rejects_overrides_it_sets():
     sweep.sweep("digits_set", ["set"], [0.9], [0], ["sparsity=0.5"], out="/nonexistent")
   # method_kwargs go to every method: a kwarg only SET takes is refused before anything trains.
   with pytest.raises(TypeError, match="'random' does not take method_kwargs"):
-    sweep.sweep("digits_set", ["set"], [0.9], [0], ["method_kwargs.drop_fraction=0.5"], out="/nonexistent")
+    sweep.sweep("digits_set", ["set"], [0.9], [0], ["method_kwargs.drop_fraction=0.5"],
+                out="/nonexistent")
   assert not os.path.exists("/nonexistent")
 
 

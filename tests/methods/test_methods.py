@@ -60,7 +60,8 @@ def test_set_regrowth_is_uniform_over_absent_connections():
 def test_set_transform_one_update_by_hand():
   w = jnp.array([[0.5, -0.2, 0.1, 0.0], [-0.9, 0.3, -0.05, 0.0]])
   params = {"w": w, "b": jnp.zeros(4)}
-  tx = js.sparse_evolutionary_training(optax.sgd(0.0), 0.25, drop_fraction=0.5, update_period=1, update_start=0, regrowth="zero")
+  tx = js.sparse_evolutionary_training(optax.sgd(0.0), 0.25, drop_fraction=0.5, update_period=1,
+                                       update_start=0, regrowth="zero")
   state = tx.init(params)
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
   active = jnp.flatnonzero(mask, size=6).astype(jnp.int32)
