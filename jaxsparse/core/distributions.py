@@ -73,6 +73,22 @@ def check_sparsity(sparsity: float, argname: str = "sparsity") -> float:
   return s
 
 
+def leaf_flags(params: Any, *, filter: LeafFilter | None = None,
+               keep_dense: Sequence[str] = ()) -> list[bool]:
+  """One bool per leaf of ``params``, in flattening order: whether ``filter`` selects it and
+  ``keep_dense`` does not exclude it (see :func:`select_leaves`). The one way to choose
+  leaves, shared by the methods (sparse leaves) and the regularizers (penalised leaves)."""
+  filter = default_filter if filter is None else filter
+  if isinstance(keep_dense, str):
+    keep_dense = (keep_dense,)
+  names = masks_lib.leaf_names(params)
+  for pattern in keep_dense:
+    if not any(_matches(pattern, n) for n in names):
+      raise ValueError(f"keep_dense: '{pattern}' matches no leaf; leaves are {names}")
+  return [bool(filter(name, leaf)) and not any(_matches(p, name) for p in keep_dense)
+          for name, leaf in zip(names, jax.tree.leaves(params))]
+
+
 def select_leaves(params: Any, *, filter: LeafFilter | None = None,
                   keep_dense: Sequence[str] = ()) -> dict[str, tuple]:
   """Names and shapes of the leaves that will be sparse, in flattening order.
@@ -83,17 +99,13 @@ def select_leaves(params: Any, *, filter: LeafFilter | None = None,
     keep_dense: leaf names (or '/'-separated name parts, e.g. ``"fc1"``) kept
       dense even if the filter selects them. Each must match some leaf.
   """
-  filter = default_filter if filter is None else filter
   if isinstance(keep_dense, str):
     keep_dense = (keep_dense,)
+  flags = leaf_flags(params, filter=filter, keep_dense=keep_dense)
   names = masks_lib.leaf_names(params)
-  leaves = jax.tree.leaves(params)
-  for pattern in keep_dense:
-    if not any(_matches(pattern, n) for n in names):
-      raise ValueError(f"keep_dense: '{pattern}' matches no leaf; leaves are {names}")
   selected = {}
-  for name, leaf in zip(names, leaves):
-    if not filter(name, leaf) or any(_matches(p, name) for p in keep_dense):
+  for name, leaf, flag in zip(names, jax.tree.leaves(params), flags):
+    if not flag:
       continue
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise ValueError(f"filter: selected leaf '{name}' has dtype {jnp.result_type(leaf)}; "

@@ -50,6 +50,7 @@ import optax
 from jaxsparse.core import selection as topk, transform as core
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
+from jaxsparse.regularizers import penalties
 
 
 
@@ -355,26 +356,15 @@ def bn_scale_l1(strength: float = 1e-4,
   """Network slimming's sparsity penalty (Liu et al. 2017, eq. 1): adds ``strength * sign(gamma)``.
 
   ``strength`` is lambda (1e-4 in the paper); put it before the optimizer in
-  an ``optax.chain``, like ``optax.add_decayed_weights``.
+  an ``optax.chain``, like ``optax.add_decayed_weights``. It is
+  ``jaxsparse.add_l1(strength, filter=selector)``.
   """
   if not isinstance(strength, (int, float)) or strength < 0:
     raise ValueError(f"strength must be a float >= 0, got {strength!r}")
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("params: bn_scale_l1 needs params in update(updates, state, params)")
-    names = masks_lib.leaf_names(params)
-    flat_u, treedef = jax.tree.flatten(updates)
-    flat_p = jax.tree.leaves(params)
-    out = [u + strength * jnp.sign(p) if selector(n, p) else u
-           for n, u, p in zip(names, flat_u, flat_p)]
-    return jax.tree.unflatten(treedef, out), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  if not callable(selector):
+    raise TypeError(f"selector must be a callable (name, leaf) -> bool, got {selector!r}")
+  # The L1 subgradient of add_l1 (one implementation), on the leaves the selector picks.
+  return penalties.add_l1(strength, filter=selector)
 
 
 def slimming_masks(params: Any, sparsity: float, *,

@@ -15,9 +15,11 @@ Penalties (Tibshirani 1996 for L1):
 L1 ``lam * sum |w|``; group lasso ``lam * sum_g ||w_g||_2`` (Yuan & Lin 2006;
 groups are output neurons/filters, input neurons, or a user grouping).
 
-Which leaves are regularised: ``mask`` as in ``optax.add_decayed_weights`` (a
-tree of bools or a callable ``params -> tree of bools``); ``None`` means the
-leaves jaxsparse sparsifies by default, the kernels (rank >= 2).
+Which leaves are regularised: ``filter(name, leaf) -> bool`` and ``keep_dense``, the
+arguments with which the methods choose their sparse leaves
+(:func:`jaxsparse.core.distributions.leaf_flags`); by default the kernels (rank >= 2).
+``mask`` (as in ``optax.add_decayed_weights``, a tree of bools or a callable
+``params -> tree of bools``) is their deprecated predecessor: it warns and still works.
 
 After training, :func:`threshold_and_freeze` turns the regularised dense
 params into ``(params, masks)`` for ``jaxsparse.keep_masks(inner, masks)``.
@@ -26,6 +28,7 @@ params into ``(params, masks)`` for ``jaxsparse.keep_masks(inner, masks)``.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
 
 Params = Any
@@ -67,11 +71,33 @@ def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(v(count) if callable(v) else v, jnp.float32)
 
 
-def _leaf_flags(mask: LeafMask, params: Params) -> list[bool]:
+class Selection(NamedTuple):
+  """Which leaves a regularizer acts on: ``filter`` and ``keep_dense`` as the methods take
+  them, or the deprecated optax-style ``mask``."""
+  filter: dist.LeafFilter | None = None
+  keep_dense: Sequence[str] = ()
+  mask: LeafMask = None
+
+
+def _selection(fn: str, mask: LeafMask, filter: dist.LeafFilter | None,
+               keep_dense: Sequence[str]) -> Selection:
+  """The leaves ``fn`` regularises; ``mask`` warns (deprecated for filter and keep_dense)."""
+  if filter is not None and not callable(filter):
+    raise TypeError(f"filter must be a callable (name, leaf) -> bool, got {filter!r}")
+  if mask is not None:
+    if filter is not None or keep_dense:
+      raise TypeError(f"{fn}(): pass filter and keep_dense, not mask (their deprecated "
+                      "predecessor) with them")
+    warnings.warn(f"{fn}(): 'mask' is deprecated; use 'filter' (a (name, leaf) -> bool, as the "
+                  "methods take) and 'keep_dense'", DeprecationWarning, stacklevel=3)
+  return Selection(filter, keep_dense, mask)
+
+
+def _leaf_flags(sel: Selection, params: Params) -> list[bool]:
   """One static bool per leaf of ``params``: is this leaf regularised."""
-  leaves = jax.tree.leaves(params)
+  mask = sel.mask
   if mask is None:
-    return [jnp.ndim(p) >= 2 for p in leaves]
+    return dist.leaf_flags(params, filter=sel.filter, keep_dense=sel.keep_dense)
   tree = mask(params) if callable(mask) else mask
   try:
     flags = jax.tree.leaves(jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), tree, params))
@@ -130,16 +156,22 @@ def _check_groups_arg(groups: Any) -> None:
                     f"{type(groups).__name__}")
 
 
-def group_ids(params: Params, groups: GroupSpec, mask: LeafMask = None) -> list[Groups | None]:
+def group_ids(params: Params, groups: GroupSpec, mask: LeafMask = None, *,
+              filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
+              ) -> list[Groups | None]:
   """Per leaf (flattening order), its :class:`Groups`, or None if not regularised.
 
   Raises ValueError (naming the leaf) when a user grouping does not cover a
   regularised leaf (missing, or ids of another shape).
   """
+  return _group_ids(params, groups, _selection("group_ids", mask, filter, keep_dense))
+
+
+def _group_ids(params: Params, groups: GroupSpec, sel: Selection) -> list[Groups | None]:
   _check_groups_arg(groups)
   names = masks_lib.leaf_names(params)
   out = []
-  for name, leaf, flag in zip(names, jax.tree.leaves(params), _leaf_flags(mask, params)):
+  for name, leaf, flag in zip(names, jax.tree.leaves(params), _leaf_flags(sel, params)):
     shape = tuple(jnp.shape(leaf))
     if not flag:
       out.append(None)
@@ -148,7 +180,7 @@ def group_ids(params: Params, groups: GroupSpec, mask: LeafMask = None) -> list[
     elif isinstance(groups, dict):
       if name not in groups:
         raise ValueError(f"groups: no group ids for the regularised leaf '{name}' (the dict has "
-                         f"{sorted(groups)}); add it or exclude it with mask")
+                         f"{sorted(groups)}); add it or exclude it with filter or keep_dense")
       out.append(_user_group_ids(groups[name], shape, name))
     else:
       out.append(_user_group_ids(groups(name, leaf), shape, name))
@@ -165,17 +197,20 @@ def group_norms(w: jax.Array, g: Groups) -> jax.Array:
 # ------------------------------------------------------------------ penalties
 
 
-def l1_penalty(params: Params, strength: float, mask: LeafMask = None) -> jax.Array:
+def l1_penalty(params: Params, strength: float, mask: LeafMask = None, *,
+               filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
+               ) -> jax.Array:
   """``strength * sum |w|`` over the regularised leaves."""
-  flags = _leaf_flags(mask, params)
+  flags = _leaf_flags(_selection("l1_penalty", mask, filter, keep_dense), params)
   return strength * sum((jnp.sum(jnp.abs(p)) for p, f in zip(jax.tree.leaves(params), flags) if f),
                         jnp.float32(0))
 
 
 def group_lasso_penalty(params: Params, strength: float, groups: GroupSpec = "output",
-                        mask: LeafMask = None) -> jax.Array:
+                        mask: LeafMask = None, *, filter: dist.LeafFilter | None = None,
+                        keep_dense: Sequence[str] = ()) -> jax.Array:
   """``strength * sum_g ||w_g||_2`` over the regularised leaves."""
-  gs = group_ids(params, groups, mask)
+  gs = _group_ids(params, groups, _selection("group_lasso_penalty", mask, filter, keep_dense))
   return strength * sum((jnp.sum(group_norms(p, g)) for p, g in zip(jax.tree.leaves(params), gs)
                          if g is not None), jnp.float32(0))
 
@@ -188,19 +223,24 @@ def _init(params: Params) -> RegulariserState:
   return RegulariserState(count=jnp.zeros([], jnp.int32))
 
 
-def add_l1(strength: ScalarOrSchedule, mask: LeafMask = None) -> optax.GradientTransformation:
+def add_l1(strength: ScalarOrSchedule, mask: LeafMask = None, *,
+           filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
+           ) -> optax.GradientTransformation:
   """Adds the L1 subgradient ``strength * sign(w)`` to the updates (0 at w = 0).
 
   Use before the optimizer. Subgradient steps make weights oscillate around
-  zero rather than reach it; for exact zeros use :func:`l1_proximal`.
+  zero rather than reach it; for exact zeros use :func:`l1_proximal`. The L1 family:
+  :func:`l1_penalty` (the value), this (its subgradient), :func:`l1_proximal` (its prox);
+  network slimming's ``bn_scale_l1`` is this on the BatchNorm scales.
   """
   _check_scalar_or_schedule(strength, "strength")
+  sel = _selection("add_l1", mask, filter, keep_dense)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("params: add_l1 needs params in update(updates, state, params)")
     lam = _value(strength, state.count)
-    flags = _leaf_flags(mask, params)
+    flags = _leaf_flags(sel, params)
     updates = _map_flagged(lambda u, p: u + (lam * jnp.sign(p)).astype(u.dtype), flags,
                            updates, params)
     return updates, RegulariserState(optax.safe_int32_increment(state.count))
@@ -215,7 +255,8 @@ def _group_grad(p: jax.Array, g: Groups, lam: jax.Array) -> jax.Array:
 
 
 def add_group_lasso(strength: ScalarOrSchedule, groups: GroupSpec = "output",
-                    mask: LeafMask = None) -> optax.GradientTransformation:
+                    mask: LeafMask = None, *, filter: dist.LeafFilter | None = None,
+                    keep_dense: Sequence[str] = ()) -> optax.GradientTransformation:
   """Adds the group-lasso subgradient ``strength * w_g / ||w_g||_2`` (0 for a zero group).
 
   Args:
@@ -223,23 +264,24 @@ def add_group_lasso(strength: ScalarOrSchedule, groups: GroupSpec = "output",
     groups: ``"output"`` (neurons / filters), ``"input"`` (input neurons), a
       dict ``leaf name -> int ids`` of the leaf's shape, or a callable
       ``(name, leaf) -> ids``.
-    mask: which leaves (see the module docstring).
+    filter, keep_dense: which leaves (see the module docstring; ``mask`` is deprecated).
   """
   _check_scalar_or_schedule(strength, "strength")
   _check_groups_arg(groups)
+  sel = _selection("add_group_lasso", mask, filter, keep_dense)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("params: add_group_lasso needs params in update(updates, state, params)")
     lam = _value(strength, state.count)
-    gs = group_ids(params, groups, mask)
+    gs = _group_ids(params, groups, sel)
     treedef = jax.tree.structure(updates)
     out = [u if g is None else u + _group_grad(p, g, lam).astype(u.dtype)
            for u, p, g in zip(jax.tree.leaves(updates), jax.tree.leaves(params), gs)]
     return jax.tree.unflatten(treedef, out), RegulariserState(optax.safe_int32_increment(state.count))
 
   def init_fn(params):
-    group_ids(params, groups, mask)  # a grouping that does not cover a leaf fails here
+    _group_ids(params, groups, sel)  # a grouping that does not cover a leaf fails here
     return _init(params)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -285,27 +327,32 @@ def _prox_transform(prox: Callable[[jax.Array, jax.Array, Any], jax.Array], stre
 
 
 def l1_proximal(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
-                mask: LeafMask = None) -> optax.GradientTransformation:
+                mask: LeafMask = None, *, filter: dist.LeafFilter | None = None,
+                keep_dense: Sequence[str] = ()) -> optax.GradientTransformation:
   """Proximal L1 (ISTA): ``w <- soft_threshold(w + u, lr * strength)``, after the optimizer.
 
   ``learning_rate`` must be the optimizer's (the prox of ``lr * lam * |.|``
   follows a step of size ``lr``). Weights below the threshold become exactly 0.
   """
+  sel = _selection("l1_proximal", mask, filter, keep_dense)
+
   def info(params):
-    return [True if f else None for f in _leaf_flags(mask, params)]
+    return [True if f else None for f in _leaf_flags(sel, params)]
   return _prox_transform(lambda v, tau, _: soft_threshold(v, tau), strength, learning_rate, info)
 
 
 def group_lasso_proximal(strength: ScalarOrSchedule, learning_rate: ScalarOrSchedule,
-                         groups: GroupSpec = "output", mask: LeafMask = None
+                         groups: GroupSpec = "output", mask: LeafMask = None, *,
+                         filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                          ) -> optax.GradientTransformation:
   """Proximal group lasso: ``w_g <- v_g * max(0, 1 - lr * strength / ||v_g||)``, ``v = w + u``.
 
   Whole groups whose norm is below ``lr * strength`` become exactly 0.
   """
   _check_groups_arg(groups)
+  sel = _selection("group_lasso_proximal", mask, filter, keep_dense)
   return _prox_transform(lambda v, tau, g: group_soft_threshold(v, g, tau), strength, learning_rate,
-                         lambda params: group_ids(params, groups, mask))
+                         lambda params: _group_ids(params, groups, sel))
 
 
 # ------------------------------------------------------------------ sensitivity-driven
@@ -350,7 +397,8 @@ class SensitivityState(NamedTuple):
 
 
 def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
-                      alpha: jax.Array | None = None, mask: LeafMask = None
+                      alpha: jax.Array | None = None, mask: LeafMask = None,
+                      filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                       ) -> optax.GradientTransformationExtraArgs:
   """Sensitivity-driven regularisation, Tartaglione et al. 2018, eq. 5.
 
@@ -364,6 +412,7 @@ def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
   _check_scalar_or_schedule(strength, "strength")
   if not callable(output_fn):
     raise TypeError(f"output_fn must be a callable (params, inputs) -> outputs, got {output_fn!r}")
+  sel = _selection("sensitivity_decay", mask, filter, keep_dense)
 
   def init_fn(params):
     del params
@@ -377,7 +426,7 @@ def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
       raise ValueError("inputs: sensitivity_decay needs the batch, update(..., inputs=x)")
     lam = _value(strength, state.count)
     sens = output_sensitivity(output_fn, params, inputs, alpha)
-    flags = _leaf_flags(mask, params)
+    flags = _leaf_flags(sel, params)
     insens = [jnp.maximum(0.0, 1.0 - s) for s, f in zip(jax.tree.leaves(sens), flags) if f]
     out = _map_flagged(lambda u, p, s: u - (lam * p * jnp.maximum(0.0, 1.0 - s)).astype(u.dtype),
                        flags, updates, params, sens)
@@ -392,18 +441,19 @@ def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
 # ------------------------------------------------------------------ threshold and freeze
 
 
-def threshold_and_freeze(params: Params, threshold: float = 0.0, mask: LeafMask = None
+def threshold_and_freeze(params: Params, threshold: float = 0.0, mask: LeafMask = None, *,
+                         filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                          ) -> tuple[Params, Any]:
   """Turns a regularised dense model into ``(params, masks)`` for ``jaxsparse.keep_masks``.
 
-  On the regularised leaves (``mask``; default the kernels), weights with
+  On the regularised leaves (``filter`` and ``keep_dense``; default the kernels), weights with
   ``|w| <= threshold`` are removed: their mask entry is False and they are set
   to exactly 0. Other leaves get the dense mask (scalar True). Fine-tune with
   ``jaxsparse.keep_masks(inner, masks)`` from the returned params.
   """
   if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
     raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
-  flags = _leaf_flags(mask, params)
+  flags = _leaf_flags(_selection("threshold_and_freeze", mask, filter, keep_dense), params)
   treedef = jax.tree.structure(params)
   masks = [jnp.abs(p) > threshold if f else masks_lib.dense_mask()
            for p, f in zip(jax.tree.leaves(params), flags)]

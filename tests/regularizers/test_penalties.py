@@ -174,11 +174,88 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="groups.*'w'.*shape"):
     tx.init(params)
   tx = reg.add_group_lasso(0.1, groups={"w": np.zeros((2, 3), np.int32)},
-                           mask={"w": True, "v": False})  # excluded leaves need no ids
+                           keep_dense=("v",))  # excluded leaves need no ids
   tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="groups.*'b'.*rank"):
-    reg.add_group_lasso(0.1, "output", mask=lambda p: {"b": True}).init({"b": jnp.ones(3)})
+    reg.add_group_lasso(0.1, "output", filter=lambda n, p: n == "b").init({"b": jnp.ones(3)})
+  with pytest.raises(ValueError, match="keep_dense: 'u' matches no leaf"):
+    reg.add_l1(0.1, keep_dense=("u",)).update(params, reg.add_l1(0.1).init(params), params)
+  with pytest.raises(TypeError, match="filter"):
+    reg.l1_proximal(0.1, 0.1, filter="kernels")
   with pytest.raises(ValueError, match="threshold"):
     reg.threshold_and_freeze(params, -1.0)
   with pytest.raises(TypeError, match="output_fn"):
     reg.sensitivity_decay(0.1, None)
+
+
+# ------------------------------------------------------------------ one way to choose leaves
+
+
+def _mlp_and_grads():
+  params = mlp_params(jax.random.key(0))
+  return params, jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+
+
+# (name, build from (mask, filter, keep_dense), how to run it on params and grads)
+_SELECTING = [
+    ("add_l1", lambda **kw: reg.add_l1(0.01, **kw), None),
+    ("l1_proximal", lambda **kw: reg.l1_proximal(0.5, 0.1, **kw), None),
+    ("add_group_lasso", lambda **kw: reg.add_group_lasso(0.01, **kw), None),
+    ("group_lasso_proximal", lambda **kw: reg.group_lasso_proximal(0.5, 0.1, **kw), None),
+    ("l1_penalty", None, lambda p, **kw: reg.l1_penalty(p, 0.1, **kw)),
+    ("group_lasso_penalty", None, lambda p, **kw: reg.group_lasso_penalty(p, 0.1, **kw)),
+    ("threshold_and_freeze", None, lambda p, **kw: reg.threshold_and_freeze(p, 0.05, **kw)),
+    ("group_ids", None, lambda p, **kw: [None if g is None else g.ids
+                                         for g in reg.group_ids(p, "output", **kw)]),
+]
+
+
+@pytest.mark.parametrize("name,make,call", _SELECTING, ids=[s[0] for s in _SELECTING])
+def test_regularizers_choose_leaves_as_the_methods_do_and_mask_is_deprecated(name, make, call):
+  params, grads = _mlp_and_grads()
+  run = ((lambda **kw: _one_step(make(**kw), params, grads)[0]) if make is not None
+         else (lambda **kw: call(params, **kw)))
+  # filter / keep_dense as the methods take them; the same leaves as the old optax-style mask
+  only_fc2 = {k: {"kernel": k == "fc2", "bias": False} for k in params}
+  new = run(filter=lambda n, p: jnp.ndim(p) >= 2, keep_dense=("fc1", "fc3"))
+  with pytest.warns(DeprecationWarning, match=f"{name}\\(\\): 'mask' is deprecated; use 'filter'"):
+    old = run(mask=only_fc2)
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # and the selection matters: the default (every kernel) differs
+  default = run()
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(new)))
+  with pytest.raises(TypeError, match="not mask"):
+    run(mask=only_fc2, keep_dense=("fc1",))
+
+
+def test_sensitivity_decay_takes_filter_and_mask_is_deprecated():
+  r = np.random.default_rng(0)
+  params = {"fc1": {"kernel": jnp.asarray(r.normal(size=(4, 3)), jnp.float32),
+                    "bias": jnp.zeros(3)},
+            "fc2": {"kernel": jnp.asarray(r.normal(size=(3, 2)), jnp.float32)}}
+  x = jnp.asarray(r.normal(size=(5, 4)), jnp.float32)
+  out = lambda p, x: (x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
+  grads = jax.tree.map(jnp.zeros_like, params)
+  run = lambda **kw: _one_step(reg.sensitivity_decay(0.1, out, **kw), params, grads, inputs=x)[0]
+  new = run(keep_dense=("fc1",))
+  with pytest.warns(DeprecationWarning, match=r"sensitivity_decay\(\): 'mask' is deprecated"):
+    old = run(mask={"fc1": {"kernel": False, "bias": False}, "fc2": {"kernel": True}})
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(new["fc1"]["kernel"], params["fc1"]["kernel"])
+  assert not np.array_equal(np.asarray(run()["fc1"]["kernel"]), np.asarray(params["fc1"]["kernel"]))
+
+
+def test_bn_scale_l1_is_add_l1_on_the_batchnorm_scales():
+  from jaxsparse.pruning import structured
+  params = {"fc1": {"kernel": -jnp.ones((3, 4)), "bias": jnp.ones(4)},
+            "bn1": {"scale": jnp.float32([1.0, -2.0, 0.0, 3.0]), "bias": jnp.ones(4)}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  got, _ = _one_step(structured.bn_scale_l1(1e-2), params, grads)
+  want, _ = _one_step(reg.add_l1(1e-2, filter=structured.is_bn_scale), params, grads)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(got["bn1"]["scale"]) - 1e-2 * np.float32([1, -1, 0, 1]),
+                                np.asarray(params["bn1"]["scale"]))
