@@ -79,20 +79,6 @@ def test_bad_arguments():
     training.train(epochs=0, progress=False)
 
 
-def test_compare_writes_table_and_refuses_existing_results(tmp_path):
-  from experiments import compare
-  out = tmp_path / "cmp"
-  runs = compare.main(["--methods", "dense", "static", "--seeds", "0", "1", "--epochs", "2",
-                       "--sparsity", "0.5", "--out-dir", str(out)])
-  assert [(r["method"], r["seed"]) for r in runs] == [("dense", 0), ("dense", 1), ("static", 0),
-                                                       ("static", 1)]
-  table = (out / "table.md").read_text()
-  assert "| dense | 0.000 |" in table and "| static | 0.500 |" in table
-  assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
-  with pytest.raises(FileExistsError, match="--out-dir"):
-    compare.main(["--methods", "dense", "--seeds", "0", "--epochs", "1", "--out-dir", str(out)])
-
-
 def test_dst_compare_writes_table_csv_plot_and_checks_the_ordering(tmp_path):
   from experiments import dst_compare
   out = tmp_path / "dst"
