@@ -198,23 +198,21 @@ def main(argv=None):
 def markdown(rows: list[dict]) -> str:
   """The step-ratio table (and the compile-time table, when measured) of :func:`bench` rows."""
   cols = list(rows[0]["ratio"])
-  out = ["| model | params | dense step (ms) | " + " | ".join(cols) + " |",
-         "|---|---:|---:|" + "---:|" * len(cols)]
-  for r in rows:
-    out.append(f"| {r['model']} | {r['params']:,} | {r['dense_ms']:.3f} | "
-               + " | ".join(f"{r['ratio'][c]:.2f}x" for c in cols) + " |")
+  out = [common.markdown_table(
+      ["model", "params", "dense step (ms)", *cols],
+      [[r["model"], f"{r['params']:,}", f"{r['dense_ms']:.3f}",
+        *(f"{r['ratio'][c]:.2f}x" for c in cols)] for r in rows], align="lrr" + "r" * len(cols))]
   r0 = rows[0]
   out.append(f"\nratio = step time / dense step time; device {r0['device']} ({r0['backend']}), "
              f"jax {r0['jax_version']}, batch {r0['batch_size']}, sparsity {r0['sparsity']}, "
              f"biases {r0['use_bias']}, {r0['steps_per_call']} step(s) per call")
   if "compile" in r0:   # one executable serves a method's update and non-update steps
     names = list(r0["compile"])
-    out += ["", "| model | " + " | ".join(f"{n} lower / compile (s)" for n in names) + " |",
-            "|---|" + "---:|" * len(names)]
-    for r in rows:
-      out.append(f"| {r['model']} | " + " | ".join(
-          f"{r['compile'][n]['trace_lower_s']:.2f} / {r['compile'][n]['compile_s']:.2f}"
-          for n in names) + " |")
+    out += ["", common.markdown_table(
+        ["model", *(f"{n} lower / compile (s)" for n in names)],
+        [[r["model"], *(f"{r['compile'][n]['trace_lower_s']:.2f} / "
+                        f"{r['compile'][n]['compile_s']:.2f}" for n in names)] for r in rows],
+        align="l" + "r" * len(names))]
   return "\n".join(out)
 
 
