@@ -189,16 +189,13 @@ def run_one(ds: data.Dataset, method: str, block: int, seed: int, *, features: S
   if method != "dense":
     check_masks(params, core.get_masks(opt_state), block, expected, True, "at init")
   state = training.TrainState(params, {}, opt_state)
-  train_epoch = training.make_train_epoch(net, tx, batch_size)
+  train_epoch = training.make_train_epoch(net, tx, batch_size, return_losses=True)
   evaluate = training.make_evaluate(net)
   x_train, y_train = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
-  key = jax.random.key(seed)
   times, acc = [], float("nan")
-  for epoch in range(epochs):
-    t0 = time.perf_counter()
-    state, loss = train_epoch(state, x_train, y_train, jax.random.fold_in(key, epoch))
-    loss = float(loss)
-    times.append(time.perf_counter() - t0)
+  for epoch, state, loss, _, seconds in training.iterate_epochs(
+      train_epoch, state, x_train, y_train, jax.random.key(seed), stop=epochs):
+    times.append(seconds)
     if not np.isfinite(loss):
       raise FloatingPointError(f"{method} block {block} seed {seed}: loss {loss} at epoch {epoch + 1}")
     acc = evaluate(state.params, state.batch_stats, ds.x_test, ds.y_test)

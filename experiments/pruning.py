@@ -89,11 +89,11 @@ class Runner:
     opt_state = tx.init(params)
     params = masks_lib.apply_masks(params, core.get_masks(opt_state))
     state = training.TrainState(params, {}, opt_state)
-    epoch = training.make_train_epoch(self.net, tx, self.args.batch_size,
+    epoch = training.make_train_epoch(self.net, tx, self.args.batch_size, return_losses=True,
                                       steps_per_call=self.args.steps_per_call)
-    key = jax.random.key(seed)
-    for e in range(epochs):
-      state, _ = epoch(state, self.x, self.y, jax.random.fold_in(key, e))
+    for _, state, *_ in training.iterate_epochs(epoch, state, self.x, self.y,
+                                                jax.random.key(seed), stop=epochs):
+      pass
     return state.params, core.get_masks(state.opt_state)
 
   def train_masked(self, params, masks, epochs, lr, seed):
