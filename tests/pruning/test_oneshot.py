@@ -2,7 +2,6 @@
 equations, N:M counts, sequential calibration, OWL's exact layer sparsities, errors, sharding."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
