@@ -34,6 +34,8 @@ import jaxsparse as js
 from jaxsparse.analysis import lowering
 from jaxsparse.nn import models
 
+from experiments import common
+
 # name: (registry name, constructor kwargs, input shape)
 MODELS = {"lenet300": ("lenet300", {}, (28, 28, 1)),
           "resnet20": ("resnet20", {}, (32, 32, 3)),
@@ -138,14 +140,12 @@ def _measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-  out = ["| model | step | trace+lower (s) | compile (s) | compile / dense | (trace+lower+compile) / dense "
-         "| StableHLO ops (here) | ops lowered for CUDA |",
-         "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    for n, m in r["methods"].items():
-      out.append(f"| {r['model']} | {n} | {m['lower_s']:.2f} | {m['compile_s']:.2f} | "
-                 f"{m['compile_ratio']:.1f}x | {m['total_ratio']:.1f}x | {m['ops']:,} | "
-                 f"{m['cuda_ops']:,} |")
+  cells = [[r["model"], n, f"{m['lower_s']:.2f}", f"{m['compile_s']:.2f}",
+            f"{m['compile_ratio']:.1f}x", f"{m['total_ratio']:.1f}x", f"{m['ops']:,}",
+            f"{m['cuda_ops']:,}"] for r in rows for n, m in r["methods"].items()]
+  out = [common.markdown_table(
+      ["model", "step", "trace+lower (s)", "compile (s)", "compile / dense",
+       "(trace+lower+compile) / dense", "StableHLO ops (here)", "ops lowered for CUDA"], cells)]
   r0 = rows[0]
   out.append(f"\n{r0['backend']} ({r0['device']}), jax {r0['jax_version']}, median of "
              f"{r0['repeats']} compiles from scratch per step, interleaved.")

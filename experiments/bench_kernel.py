@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -32,6 +30,8 @@ from jaxsparse.kernels import (BsrMatmulConfig, KernelConfig, SparseDense, bsr_f
                                bsr_matmul, bsr_with_data, expand_block_mask, resolve_backend,
                                tune_bsr_matmul)
 from jaxsparse.kernels.pallas_matmul import bsr_matmul_reference
+
+from experiments import common
 
 
 def check_kernel(backend) -> None:
@@ -51,14 +51,7 @@ def check_kernel(backend) -> None:
 
 def median_time(fn: Callable[..., Any], *args: Any, warmup: int, repeats: int) -> float:
   """Median wall time in seconds of ``fn(*args)`` (compiled by the warm-up runs)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return common.median_seconds({"fn": lambda: fn(*args)}, repeats=repeats, warmup=warmup)["fn"]
 
 
 def random_block_mask(grid: tuple[int, int], sparsity: float, seed: int) -> np.ndarray:

@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +36,8 @@ import optax
 from jaxsparse.core import distributions as dist
 from jaxsparse.methods import dst, static
 from jaxsparse.pruning import magnitude
+
+from experiments import common
 
 LAYERS = 4
 
@@ -55,20 +54,6 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     x = x @ params[f"fc{i}"]["kernel"] + params[f"fc{i}"]["bias"]
     x = jax.nn.relu(x) if i < LAYERS - 1 else x
   return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
-
-
-def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Median seconds of each fn, timed in turn within each repeat (so load drift hits all)."""
-  for fn in fns.values():  # compile + warm-up
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(n_target: int, sparsity: float, batch_size: int, repeats: int) -> dict:
@@ -110,7 +95,7 @@ def bench(n_target: int, sparsity: float, batch_size: int, repeats: int) -> dict
   dsr_on = jax.jit(tx_on.update)
   dsr_off = jax.jit(tx_off.update)
 
-  t = medians({"dense": lambda: dense_step(params, dense_state),
+  t = common.median_seconds({"dense": lambda: dense_step(params, dense_state),
                "global": lambda: glob(sparse_params, masks),
                "dsr_on": lambda: dsr_on(grads, state, sparse_params),
                "dsr_off": lambda: dsr_off(grads, state, sparse_params)}, repeats)

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import random
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -40,7 +38,7 @@ import optax
 import jaxsparse as js
 from jaxsparse.nn import models
 
-from experiments import bench_compile
+from experiments import bench_compile, common
 
 MODELS = {
     "lenet300": dict(name="lenet300", kwargs={}, input_shape=(28, 28, 1)),
@@ -64,27 +62,6 @@ def make_method(name: str, sparsity: float, period: int) -> optax.GradientTransf
   if name == "dsr":
     return js.dsr(inner, sparsity, update_period=period, **kw)
   raise ValueError(f"--methods: unknown method {name!r}; choose from {METHODS}")
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-  """Median seconds of each fn; the fns are timed in turn within each repeat, so
-  that drift in a shared machine's load hits all of them alike, in an order shuffled
-  (fixed seed) at every repeat, so that no fn always runs right after the same one (on
-  CPU a step timed right after an update step, which frees much memory, ran ~5-10%
-  slower)."""
-  for fn in fns.values():  # warm-up (and compilation)
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  order, rng = list(fns), random.Random(0)
-  for _ in range(repeats):
-    rng.shuffle(order)
-    for name in order:
-      fn = fns[name]
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def compiled(fn: Callable, *args: Any) -> tuple[Callable, float, float]:
@@ -174,7 +151,7 @@ def bench(model_name: str, sparsity: float, batch_size: int, repeats: int,
       add(label, make_step(tx, post=pruner.post_gradient_update), params, tx.init(params),
           first_step=True)
 
-  t = interleaved_medians(fns, repeats)
+  t = common.median_seconds(fns, repeats=repeats, shuffle=True)
   per_step = {k: v / steps_per_call for k, v in t.items()}
   row = dict(model=model_name, params=int(n_params), sparsity=sparsity, batch_size=batch_size,
              use_bias=use_bias, steps_per_call=steps_per_call, dense_ms=per_step["dense"] * 1e3,
@@ -221,23 +198,21 @@ def main(argv=None):
 def markdown(rows: list[dict]) -> str:
   """The step-ratio table (and the compile-time table, when measured) of :func:`bench` rows."""
   cols = list(rows[0]["ratio"])
-  out = ["| model | params | dense step (ms) | " + " | ".join(cols) + " |",
-         "|---|---:|---:|" + "---:|" * len(cols)]
-  for r in rows:
-    out.append(f"| {r['model']} | {r['params']:,} | {r['dense_ms']:.3f} | "
-               + " | ".join(f"{r['ratio'][c]:.2f}x" for c in cols) + " |")
+  out = [common.markdown_table(
+      ["model", "params", "dense step (ms)", *cols],
+      [[r["model"], f"{r['params']:,}", f"{r['dense_ms']:.3f}",
+        *(f"{r['ratio'][c]:.2f}x" for c in cols)] for r in rows], align="lrr" + "r" * len(cols))]
   r0 = rows[0]
   out.append(f"\nratio = step time / dense step time; device {r0['device']} ({r0['backend']}), "
              f"jax {r0['jax_version']}, batch {r0['batch_size']}, sparsity {r0['sparsity']}, "
              f"biases {r0['use_bias']}, {r0['steps_per_call']} step(s) per call")
   if "compile" in r0:   # one executable serves a method's update and non-update steps
     names = list(r0["compile"])
-    out += ["", "| model | " + " | ".join(f"{n} lower / compile (s)" for n in names) + " |",
-            "|---|" + "---:|" * len(names)]
-    for r in rows:
-      out.append(f"| {r['model']} | " + " | ".join(
-          f"{r['compile'][n]['trace_lower_s']:.2f} / {r['compile'][n]['compile_s']:.2f}"
-          for n in names) + " |")
+    out += ["", common.markdown_table(
+        ["model", *(f"{n} lower / compile (s)" for n in names)],
+        [[r["model"], *(f"{r['compile'][n]['trace_lower_s']:.2f} / "
+                        f"{r['compile'][n]['compile_s']:.2f}" for n in names)] for r in rows],
+        align="l" + "r" * len(names))]
   return "\n".join(out)
 
 

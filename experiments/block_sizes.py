@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data, training
+from experiments import common, data, training
 from jaxsparse.core import transform as core
 from jaxsparse.methods import dst
 from jaxsparse.nn import models
@@ -189,16 +189,13 @@ def run_one(ds: data.Dataset, method: str, block: int, seed: int, *, features: S
   if method != "dense":
     check_masks(params, core.get_masks(opt_state), block, expected, True, "at init")
   state = training.TrainState(params, {}, opt_state)
-  train_epoch = training.make_train_epoch(net, tx, batch_size)
+  train_epoch = training.make_train_epoch(net, tx, batch_size, return_losses=True)
   evaluate = training.make_evaluate(net)
   x_train, y_train = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
-  key = jax.random.key(seed)
   times, acc = [], float("nan")
-  for epoch in range(epochs):
-    t0 = time.perf_counter()
-    state, loss = train_epoch(state, x_train, y_train, jax.random.fold_in(key, epoch))
-    loss = float(loss)
-    times.append(time.perf_counter() - t0)
+  for epoch, state, loss, _, seconds in training.iterate_epochs(
+      train_epoch, state, x_train, y_train, jax.random.key(seed), stop=epochs):
+    times.append(seconds)
     if not np.isfinite(loss):
       raise FloatingPointError(f"{method} block {block} seed {seed}: loss {loss} at epoch {epoch + 1}")
     acc = evaluate(state.params, state.batch_stats, ds.x_test, ds.y_test)
@@ -233,31 +230,30 @@ def _mean_std(values):
   values = [float(v) for v in values]
   if not values:
     return None, None
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+  return common.mean_std(values)
 
 
 def table(runs: list[dict], methods: Sequence[str], block_sizes: Sequence[int], header: str) -> str:
   sparse = [m for m in methods if m != "dense"]
   col = lambda b: "b = 1 (unstructured)" if b == 1 else f"b = {b}"
-  lines = [header, "", "Test accuracy % (mean +- std over seeds):", "",
-           "| method | " + " | ".join(col(b) for b in block_sizes) + " |",
-           "|---|" + "---|" * len(block_sizes)]
+  rows = []
   if "dense" in methods:
     mean, std = _mean_std(r["accuracy"] for r in _select(runs, "dense", 0))
     if mean is not None:
-      lines.append("| dense (no mask, all columns) | " + " | ".join(
-          [f"{100 * mean:.2f} +- {100 * std:.2f}"] * len(block_sizes)) + " |")
+      rows.append(["dense (no mask, all columns)",
+                   *[f"{100 * mean:.2f} +- {100 * std:.2f}"] * len(block_sizes)])
   for m in sparse:
     cells = []
     for b in block_sizes:
       mean, std = _mean_std(r["accuracy"] for r in _select(runs, m, b))
       cells.append("" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}")
-    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    rows.append([LABELS[m], *cells])
+  lines = [header, "", "Test accuracy % (mean +- std over seeds):", "",
+           common.markdown_table(["method", *(col(b) for b in block_sizes)], rows)]
   lines += ["", "Per run group: actual sparsity of the sparse kernels (fc1, fc2), blocks kept "
             "(fc1 + fc2, seed of the first run), the block check over all seeds, seconds per "
-            "epoch (median over runs, first epoch excluded):", "",
-            "| method | block | runs | accuracy % | sparsity | blocks kept (fc1 + fc2) | "
-            "block-structured, right count | s / epoch |", "|---|---|---|---|---|---|---|---|"]
+            "epoch (median over runs, first epoch excluded):", ""]
+  rows = []
   groups = [("dense", 0)] if "dense" in methods else []
   groups += [(m, b) for m in sparse for b in block_sizes]
   for m, b in groups:
@@ -274,9 +270,12 @@ def table(runs: list[dict], methods: Sequence[str], block_sizes: Sequence[int], 
       ok = sum(str(r["block_structured"]) == "True" for r in rs)
       check = f"yes ({ok}/{len(rs)})" if ok == len(rs) else f"NO ({ok}/{len(rs)})"
     spe = statistics.median(float(r["seconds_per_epoch"]) for r in rs)
-    lines.append(f"| {LABELS[m]} | {'-' if m == 'dense' else b} | {len(rs)} | "
-                 f"{100 * mean:.2f} +- {100 * std:.2f} | {float(sp_mean):.4f} | {blocks} | "
-                 f"{check} | {spe:.1f} |")
+    rows.append([LABELS[m], "-" if m == "dense" else b, len(rs),
+                 f"{100 * mean:.2f} +- {100 * std:.2f}", f"{float(sp_mean):.4f}", blocks, check,
+                 f"{spe:.1f}"])
+  lines.append(common.markdown_table(
+      ["method", "block", "runs", "accuracy %", "sparsity", "blocks kept (fc1 + fc2)",
+       "block-structured, right count", "s / epoch"], rows))
   return "\n".join(lines) + "\n"
 
 
@@ -311,13 +310,6 @@ def plot(runs: list[dict], methods: Sequence[str], block_sizes: Sequence[int], p
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def _write_csv(path: str, runs: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(FIELDS))
-    w.writeheader()
-    w.writerows(runs)
 
 
 def _done_key(r: dict) -> tuple:
@@ -373,7 +365,7 @@ def run_experiment(*, dataset: str = "fashion_mnist", out_dir: str = "results/bl
                   batch_size=batch_size, lr=lr, distribution=distribution,
                   dsr_np_fraction=dsr_np_fraction, log=log)
     runs.append(row)
-    _write_csv(csv_path, runs)
+    common.write_csv(csv_path, runs, FIELDS)
     if log is not None:
       log(f"[{i + 1}/{len(jobs)}] {method} b={block} seed {seed}: acc {row['accuracy']:.4f} "
           f"sparsity {row['sparsity']:.4f} blocks {row['kept_blocks']} "

@@ -10,15 +10,13 @@ hyperparameter rather than assumed to be the method's.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import statistics
 import sys
 
 from tqdm.auto import tqdm
 
-from experiments import data, training
+from experiments import common, data, training
 
 # name -> (method, method_kwargs)
 VARIANTS = {
@@ -43,9 +41,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   p.add_argument("--out-dir", default="results/dsr_checks")
   args = p.parse_args(argv)
-  if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-    raise FileExistsError(f"--out-dir {args.out_dir} exists and is not empty; choose another")
-  os.makedirs(args.out_dir, exist_ok=True)
+  common.make_out_dir(args.out_dir)
   runs = []
   for seed in tqdm(args.seeds, desc="seeds"):
     for name in tqdm(args.variants, desc="variants", leave=False):
@@ -58,18 +54,16 @@ def main(argv=None) -> list[dict]:
       layers = {k: v["kept"] for k, v in r["layers"].items() if v["sparse"]}
       runs.append(dict(variant=name, seed=seed, accuracy=r["final_test_accuracy"],
                        layer_kept=json.dumps(layers)))
-  with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(runs[0]))
-    w.writeheader()
-    w.writerows(runs)
-  lines = [f"LeNet-300-100 on {args.dataset}, sparsity {args.sparsity}, {args.epochs} epochs, "
-           f"seeds {args.seeds} (setup of experiments.dst_compare)", "",
-           "| variant | test accuracy % | final kept per layer (seed 0) |", "|---|---|---|"]
+  common.write_csv(os.path.join(args.out_dir, "runs.csv"), runs)
+  rows = []
   for name in args.variants:
     rs = [r for r in runs if r["variant"] == name]
-    accs = [100 * r["accuracy"] for r in rs]
-    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    lines.append(f"| {name} | {statistics.mean(accs):.2f} +- {std:.2f} | {rs[0]['layer_kept']} |")
+    acc = common.format_mean_std([100 * r["accuracy"] for r in rs], scale=1, sep="+-")
+    rows.append([name, acc, rs[0]["layer_kept"]])
+  lines = [f"LeNet-300-100 on {args.dataset}, sparsity {args.sparsity}, {args.epochs} epochs, "
+           f"seeds {args.seeds} (setup of experiments.dst_compare)", "",
+           common.markdown_table(["variant", "test accuracy %", "final kept per layer (seed 0)"],
+                                 rows)]
   md = "\n".join(lines) + "\n"
   with open(os.path.join(args.out_dir, "table.md"), "w") as f:
     f.write(md)

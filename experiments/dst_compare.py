@@ -18,7 +18,6 @@ sparsity, and whether each part of the ordering held) and ``accuracy.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from experiments import data, training
+from experiments import common, data, training
 
 METHODS = ("dense", "thin_dense", "static", "deepr", "set", "rigl", "snfs", "dsr", "gradual")
 HIDDEN = (300, 100)
@@ -76,18 +75,18 @@ def _stats(runs, method, s):
   accs = [r["accuracy"] for r in runs if r["method"] == method and r["sparsity"] == s]
   if not accs:
     return None, None
-  return statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+  return common.mean_std(accs)
 
 
 def table(runs: list[dict], sparsities, methods, header: str) -> str:
-  lines = [header, "", "| method | " + " | ".join(f"s = {s}" for s in sparsities) + " |",
-           "|---|" + "---|" * len(sparsities)]
+  rows = []
   for m in methods:
     cells = []
     for s in sparsities:
       mean, std = _stats(runs, m, s)
       cells.append("" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}")
-    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    rows.append([m, *cells])
+  lines = [header, "", common.markdown_table(["method", *(f"s = {s}" for s in sparsities)], rows)]
   lines += ["", "Kernel parameters kept (mean over seeds): " + ", ".join(
       f"{m}@{s}: {statistics.mean(r['kernel_params'] for r in runs if r['method'] == m and r['sparsity'] == s):.0f}"
       for m in methods for s in sparsities
@@ -151,9 +150,7 @@ def main(argv=None) -> list[dict]:
                       "SNFS, DSR and DeepR)")
   p.add_argument("--out-dir", default="results/dst")
   args = p.parse_args(argv)
-  if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-    raise FileExistsError(f"--out-dir {args.out_dir} exists and is not empty; choose another")
-  os.makedirs(args.out_dir, exist_ok=True)
+  common.make_out_dir(args.out_dir)
   ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
   args.n_in = int(math.prod(ds.input_shape))
 
@@ -165,17 +162,13 @@ def main(argv=None) -> list[dict]:
   for method, s, seed in bar:
     bar.set_postfix(method=method, sparsity=s, seed=seed)
     runs.append(run_one(method, s, seed, args))
-    with open(os.path.join(args.out_dir, "runs.csv"), "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=list(runs[0]))
-      w.writeheader()
-      w.writerows(runs)
+    common.write_csv(os.path.join(args.out_dir, "runs.csv"), runs)
   for r in runs:  # the dense model is the same at every sparsity
     if r["method"] == "dense":
       r["sparsity_axis"] = "all"
   dense = [r for r in runs if r["method"] == "dense"]
   runs_by_s = runs + [dict(r, sparsity=s) for r in dense for s in args.sparsities[1:]]
-  with open(os.path.join(args.out_dir, "runs.json"), "w") as f:
-    json.dump(dict(config={k: v for k, v in vars(args).items()}, runs=runs), f, indent=2)
+  common.write_json(os.path.join(args.out_dir, "runs.json"), dict(config=vars(args), runs=runs))
   header = (f"LeNet-300-100 (no bias, BatchNorm) on {args.dataset}, {args.epochs} epochs, batch "
             f"{args.batch_size}, Nesterov lr {args.lr} /5 at 25/50/75%, L1 {args.l1}, "
             f"seeds {args.seeds}; initial densities: "

@@ -267,23 +267,6 @@ def part_mask_update(small: bool) -> dict:
   return dict(rows=rows, ok=True, markdown="\n".join(md))
 
 
-def _interleaved_ms(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
-                    ) -> dict[str, float]:
-  """Median ms of each ``fn()`` (ended by ``block_until_ready``), the fns taking turns."""
-  import statistics
-  import jax
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t)
-  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def part_lm_forward(small: bool, save: Callable[[dict], None] | None = None) -> dict:
   """A GPT with block-pruned MLP layers: forward on the block-sparse kernel against dense."""
   import jax
@@ -335,6 +318,7 @@ def _lm_case(model, size: dict, params, tokens, forward, dense_flops: int, spars
   from jaxsparse.core import masks as masks_lib
   from jaxsparse.pruning import structured
   from jaxsparse.nn import transformer as tr
+  from experiments import common
 
   mlp = lambda name, leaf: tr.block_filter(name, leaf) and "/mlp/" in name
 
@@ -360,8 +344,10 @@ def _lm_case(model, size: dict, params, tokens, forward, dense_flops: int, spars
   # The MLP layers really run on the kernel: one pallas_call per MLP layer.
   calls = str(jax.make_jaxpr(sparse_forward)(low, masks, tokens)).count("pallas_call")
   ok = bool(err_sparse <= max(2 * err_dense, 1e-4)) and calls == 2 * model.depth
-  ms = _interleaved_ms({"dense": lambda: forward(low, tokens),
-                        "sparse": lambda: sparse_forward(low, masks, tokens)}, warmup, repeats)
+  seconds = common.median_seconds({"dense": lambda: forward(low, tokens),
+                                   "sparse": lambda: sparse_forward(low, masks, tokens)},
+                                  repeats=repeats, warmup=warmup)
+  ms = {k: v * 1e3 for k, v in seconds.items()}
   return dict(sparsity=sparsity, block=b, nnz_blocks=nnz, of_blocks=blocks,
               dense_ms=ms["dense"], sparse_ms=ms["sparse"], ratio=ms["dense"] / ms["sparse"],
               ideal=dense_flops / fl.sparse, err_dense=err_dense, err_sparse=err_sparse,

@@ -43,8 +43,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from experiments.lottery import lottery_ticket
-from experiments import data, training
+from jaxsparse.pruning.lottery import lottery_ticket
+from experiments import common, data, training
 from jaxsparse.core import transform as core
 from jaxsparse.pruning import criteria, magnitude, obs
 from jaxsparse.nn import models
@@ -89,11 +89,11 @@ class Runner:
     opt_state = tx.init(params)
     params = masks_lib.apply_masks(params, core.get_masks(opt_state))
     state = training.TrainState(params, {}, opt_state)
-    epoch = training.make_train_epoch(self.net, tx, self.args.batch_size,
+    epoch = training.make_train_epoch(self.net, tx, self.args.batch_size, return_losses=True,
                                       steps_per_call=self.args.steps_per_call)
-    key = jax.random.key(seed)
-    for e in range(epochs):
-      state, _ = epoch(state, self.x, self.y, jax.random.fold_in(key, e))
+    for _, state, *_ in training.iterate_epochs(epoch, state, self.x, self.y,
+                                                jax.random.key(seed), stop=epochs):
+      pass
     return state.params, core.get_masks(state.opt_state)
 
   def train_masked(self, params, masks, epochs, lr, seed):
@@ -185,17 +185,11 @@ def run_model(args, runner: Runner, seed: int, bar) -> list[dict]:
 
 def write_outputs(args, rows: list[dict]) -> str:
   out = args.out_dir
-  with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  common.write_csv(os.path.join(out, "runs.csv"), rows)
 
   def stat(vals):
     vals = [v for v in vals if v == v]
-    if not vals:
-      return "-"
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * statistics.mean(vals):.2f} ± {100 * std:.2f}"
+    return common.format_mean_std(vals) if vals else "-"
 
   lines = [f"# Pruning criteria on {args.dataset}", "",
            f"epochs {args.epochs}, fine-tune {args.finetune_epochs}, lottery {args.lt_epochs}/round, "
@@ -205,22 +199,16 @@ def write_outputs(args, rows: list[dict]) -> str:
   for model in done:
     mrows = [r for r in rows if r["model"] == model]
     dense = [r["accuracy"] for r in mrows if r["method"] == "dense"]
+    header = ["method", *(f"{s:g}" for s in args.sparsities)]
+    cells = lambda key, method: [method] + [
+        stat([r[key] for r in mrows if r["method"] == method and r["target_sparsity"] == s])
+        for s in args.sparsities]
     lines += [f"## {model} (dense: {stat(dense)})", "",
-              "| method | " + " | ".join(f"{s:g}" for s in args.sparsities) + " |",
-              "|---" * (len(args.sparsities) + 1) + "|"]
-    for method in args.methods:
-      cells = [stat([r["accuracy"] for r in mrows if r["method"] == method
-                     and r["target_sparsity"] == s]) for s in args.sparsities]
-      lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "One-shot accuracy right after pruning the trained dense model (no fine-tuning):", "",
-              "| method | " + " | ".join(f"{s:g}" for s in args.sparsities) + " |",
-              "|---" * (len(args.sparsities) + 1) + "|"]
-    for method in ("magnitude", "obd", "obs"):
-      if method in args.methods:
-        cells = [stat([r["oneshot_accuracy"] for r in mrows if r["method"] == method
-                       and r["target_sparsity"] == s]) for s in args.sparsities]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("")
+              common.markdown_table(header, [cells("accuracy", m) for m in args.methods]),
+              "", "One-shot accuracy right after pruning the trained dense model (no fine-tuning):",
+              "", common.markdown_table(header, [cells("oneshot_accuracy", m)
+                                                 for m in ("magnitude", "obd", "obs")
+                                                 if m in args.methods]), ""]
   table = "\n".join(lines)
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(table + "\n")
@@ -327,15 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
   p = build_parser()
   args = p.parse_args(argv)
-  if os.path.exists(args.out_dir):
-    raise SystemExit(f"--out-dir {args.out_dir} already exists; choose a new directory")
+  try:
+    common.check_out_dir(args.out_dir)
+  except FileExistsError as e:
+    raise SystemExit(str(e)) from None
   if args.merge:
     try:
       protocol, rows = merge_runs(args.merge)
     except ValueError as e:
       raise SystemExit(str(e)) from None
     merged = argparse.Namespace(**{**protocol, "out_dir": args.out_dir, "merge": args.merge})
-    os.makedirs(args.out_dir)
+    os.makedirs(args.out_dir, exist_ok=True)
     table = write_outputs(merged, rows)
     print(table)
     return rows
@@ -348,9 +338,9 @@ def main(argv=None) -> list[dict]:
     p.error("--epochs, --finetune-epochs and --lt-epochs must be > 0")
   args.sparsities = sorted(args.sparsities)
   ds = data.load_dataset(args.dataset, seed=0)
-  os.makedirs(args.out_dir)
-  with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-    json.dump({k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")}, f, indent=2)
+  os.makedirs(args.out_dir, exist_ok=True)
+  common.write_json(os.path.join(args.out_dir, "args.json"),
+                    {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")})
 
   per_seed = 1 + len(args.sparsities) * len([m for m in args.methods if m != "lottery"]) + (
       "lottery" in args.methods)

@@ -31,14 +31,14 @@ installed package (from elsewhere, ``PYTHONPATH=/path/to/repo python -m experime
 results folders are relative to the current directory.
 
 For several methods, sparsities and seeds with baselines, a table and plots,
-see :mod:`experiments.sweep`.
+see :mod:`experiments.sweep`; for one run from command-line flags into one JSON file (the
+README's main job), :mod:`experiments.train` (:func:`run_to_json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import re
@@ -47,7 +47,7 @@ import sys
 from typing import Any
 
 from experiments import configs
-from experiments import checkpoint, data, training
+from experiments import checkpoint, common, data, training
 from jaxsparse.core import masks as masks_lib, transform as core
 from jaxsparse.analysis import flops, formats
 from jaxsparse.nn import models
@@ -215,16 +215,15 @@ def make_report(config: configs.Config, result: dict[str, Any]) -> dict[str, Any
 
 def report_markdown(report: dict[str, Any]) -> str:
   """The report as a markdown table per layer plus a totals line."""
-  lines = ["| layer | shape | params | kept | sparsity | dense FLOPs | sparse FLOPs | best format "
-           "| bytes |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
-  for name, v in report["layers"].items():
-    lines.append(f"| {name} | {tuple(v['shape'])} | {v['params']:,} | {v['kept']:,} | "
-                 f"{v['sparsity']:.2%} | {v['dense_flops']:,} | {v['sparse_flops']:,} | "
-                 f"{v['best_format']} | {v['best_bytes']:,.0f} |")
-  lines.append(f"| **total** | | {report['params']:,} | {report['kept_params']:,} | "
-               f"{report['sparsity_all']:.2%} | {report['dense_flops']:,} | "
-               f"{report['sparse_flops']:,} | | {report['best_bytes']:,.0f} |")
-  lines.append("")
+  rows = [[name, tuple(v["shape"]), f"{v['params']:,}", f"{v['kept']:,}", f"{v['sparsity']:.2%}",
+           f"{v['dense_flops']:,}", f"{v['sparse_flops']:,}", v["best_format"],
+           f"{v['best_bytes']:,.0f}"] for name, v in report["layers"].items()]
+  lines = [common.markdown_table(["layer", "shape", "params", "kept", "sparsity", "dense FLOPs",
+                                  "sparse FLOPs", "best format", "bytes"], rows,
+                                 align="llrrrrrlr"),
+           f"| **total** | | {report['params']:,} | {report['kept_params']:,} | "
+           f"{report['sparsity_all']:.2%} | {report['dense_flops']:,} | "
+           f"{report['sparse_flops']:,} | | {report['best_bytes']:,.0f} |", ""]
   lines.append(f"test accuracy {report['test_accuracy']:.4f}; sparsity of the sparse layers "
                f"{report['sparsity_sparse_layers']:.2%}; theoretical speedup "
                f"{report['flops_speedup']:.2f}x; storage {report['best_bytes']:,.0f} bytes "
@@ -288,14 +287,37 @@ def run(name: str, overrides: list[str] = (), *, out: str | None = None, resume:
     for logger in loggers:
       logger.close()
   report = make_report(config, result)
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  common.write_json(os.path.join(out, "report.json"), report)
   md = report_markdown(report)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(f"# {name} {' '.join(overrides)}\n\n{md}\n")
   print(md)
   print(f"results in {out}")
   return report
+
+
+def default_json(config: configs.Config) -> str:
+  """``results/<dataset>_<model>_<method>_s<sparsity>_seed<seed>.json``: the main job's file."""
+  return os.path.join("results", f"{config.dataset}_{config.model}_{config.method}_"
+                                 f"s{config.sparsity}_seed{config.seed}.json")
+
+
+def run_to_json(config: configs.Config, out: str | None = None, *, progress: bool = False
+                ) -> dict[str, Any]:
+  """Trains ``config`` and writes :func:`experiments.training.train`'s results (config,
+  history, per-layer counts, timing; not the state) to the JSON file ``out`` (default
+  :func:`default_json`): ``python -m experiments.train``. Returns the results."""
+  result = training.train(**config.train_kwargs(), progress=progress)
+  result.pop("state")
+  print(result["summary"])
+  print(f"final test accuracy {result['final_test_accuracy']:.4f}  sparsity "
+        f"{result['final_sparsity']:.4f}  {result['seconds_per_epoch']:.2f} s/epoch "
+        f"(first epoch {result['first_epoch_seconds']:.2f} s, with compilation)")
+  out = out or default_json(config)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  common.write_json(out, result)
+  print(f"results written to {out}")
+  return result
 
 
 USER_ERRORS = (KeyError, TypeError, ValueError, FileExistsError, FileNotFoundError,

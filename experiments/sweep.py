@@ -30,7 +30,6 @@ bars: std; dense as a line with a +-std band, resp. a point; baselines dashed).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -42,7 +41,7 @@ import numpy as np
 import optax
 
 from experiments import configs, run
-from experiments import checkpoint, training
+from experiments import checkpoint, common, training
 
 BASELINES = ("random", "magnitude")
 """Pruning baselines run at every sparsity of a sweep (``dense`` runs once per seed)."""
@@ -181,12 +180,11 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   for method in _method_order([m for m, _ in groups]):
     for sparsity in sorted(s for m, s in groups if m == method):
       rs = groups[(method, sparsity)]
-      acc = np.array([r["test_accuracy"] for r in rs], dtype=np.float64)
+      mean, std = common.mean_std(r["test_accuracy"] for r in rs)
       row = dict(method=method, baseline=method == "dense" or method in BASELINES,
                  sparsity=sparsity, n_seeds=len(rs),
                  seeds=sorted(r["config"]["seed"] for r in rs),
-                 test_accuracy_mean=float(acc.mean()),
-                 test_accuracy_std=float(acc.std(ddof=1)) if len(rs) > 1 else 0.0)
+                 test_accuracy_mean=mean, test_accuracy_std=std)
       for field, key in _MEANS.items():
         row[field] = float(np.mean([float(r[key]) for r in rs]))
       rows.append({k: row[k] for k in CSV_FIELDS})
@@ -197,17 +195,16 @@ def table_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
   """The rows of :func:`aggregate` as a markdown table (accuracy in %)."""
   lines = [f"# Sweep: {title}", ""] if title else []
   lines += ["Test accuracy: mean ± std (ddof=1) over seeds; the other columns: means over seeds. "
-            "Baselines in italics.", "",
-            "| method | sparsity | seeds | test accuracy (%) | measured sparsity | sparse FLOPs "
-            "| speedup | storage (bytes) | s/epoch |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    method = f"*{r['method']}*" if r["baseline"] else r["method"]
-    lines.append(f"| {method} | {r['sparsity']:g} | {r['n_seeds']} | "
-                 f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f} | "
-                 f"{r['measured_sparsity']:.2%} | {r['sparse_flops']:,.0f} | "
-                 f"{r['flops_speedup']:.2f}x | {r['best_bytes']:,.0f} | "
-                 f"{r['seconds_per_epoch']:.3f} |")
+            "Baselines in italics.", ""]
+  cells = [[f"*{r['method']}*" if r["baseline"] else r["method"], f"{r['sparsity']:g}",
+            r["n_seeds"],
+            f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
+            f"{r['measured_sparsity']:.2%}", f"{r['sparse_flops']:,.0f}",
+            f"{r['flops_speedup']:.2f}x", f"{r['best_bytes']:,.0f}",
+            f"{r['seconds_per_epoch']:.3f}"] for r in rows]
+  lines.append(common.markdown_table(
+      ["method", "sparsity", "seeds", "test accuracy (%)", "measured sparsity", "sparse FLOPs",
+       "speedup", "storage (bytes)", "s/epoch"], cells, align="lrrrrrrrr"))
   return "\n".join(lines)
 
 
@@ -217,10 +214,8 @@ def write_table(reports: Sequence[dict[str, Any]], out: str, title: str = "") ->
   md = table_markdown(rows, title)
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(md + "\n")
-  with open(os.path.join(out, "table.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows({**r, "seeds": " ".join(map(str, r["seeds"]))} for r in rows)
+  common.write_csv(os.path.join(out, "table.csv"),
+                   [{**r, "seeds": " ".join(map(str, r["seeds"]))} for r in rows], CSV_FIELDS)
   return md
 
 

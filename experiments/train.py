@@ -2,21 +2,24 @@
 
   python -m experiments.train --dataset fashion_mnist --model lenet300 --method set \
       --sparsity 0.9 --epochs 20
+
+The flags build an :class:`experiments.configs.Config` (checked as a named config's
+are) that :func:`experiments.run.run_to_json` trains; ``python -m experiments.run
+<config>`` runs a named config into a results folder instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-from experiments import data, training
+from experiments import configs, data, run, training
 from jaxsparse.nn import models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="digits", choices=sorted(data.DATASETS))
   p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
   p.add_argument("--model", default="lenet300", choices=sorted(models.MODELS))
@@ -34,25 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace) -> configs.Config:
+  """The :class:`~experiments.configs.Config` of the flags."""
+  return configs.Config(dataset=args.dataset, model=args.model, method=args.method,
+                        sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
+                        optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
+                        weight_decay=args.weight_decay, seed=args.seed, data_dir=args.data_dir)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  result = training.train(dataset=args.dataset, model=args.model, method=args.method,
-                          sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
-                          optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay, seed=args.seed, data_dir=args.data_dir,
-                          progress=not args.no_progress)
-  result.pop("state")
-  print(result["summary"])
-  print(f"final test accuracy {result['final_test_accuracy']:.4f}  sparsity "
-        f"{result['final_sparsity']:.4f}  {result['seconds_per_epoch']:.2f} s/epoch "
-        f"(first epoch {result['first_epoch_seconds']:.2f} s, with compilation)")
-  out = args.out or os.path.join(
-      "results", f"{args.dataset}_{args.model}_{args.method}_s{args.sparsity}_seed{args.seed}.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"results written to {out}")
-  return result
+  return run.run_to_json(config_from_args(args), args.out, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ host round trip inside an epoch and no recompilation when a mask changes.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -189,6 +189,25 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
   return train_epoch
 
 
+def iterate_epochs(train_epoch: Callable[..., tuple], state: Any, x: jax.Array, y: jax.Array,
+                   key: jax.Array, *, stop: int, start: int = 0
+                   ) -> Iterator[tuple[int, Any, float, jax.Array, float]]:
+  """The experiments' one epoch loop: yields ``(epoch, state, loss, losses, seconds)``
+  after each of the epochs ``start .. stop - 1``.
+
+  ``train_epoch(state, x, y, key) -> (state, mean_loss, losses)`` is e.g.
+  :func:`make_train_epoch` with ``return_losses=True``; epoch ``e`` gets the key
+  ``fold_in(key, e)`` (so a resumed run shuffles as an uninterrupted one), and
+  ``seconds`` is timed until the mean loss is on the host. The caller checks the
+  loss, evaluates or stops; the next epoch continues from the yielded state.
+  """
+  for epoch in range(start, stop):
+    t0 = time.perf_counter()
+    state, loss, losses = train_epoch(state, x, y, jax.random.fold_in(key, epoch))
+    loss = float(loss)  # blocks until the epoch is done
+    yield epoch, state, loss, losses, time.perf_counter() - t0
+
+
 def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable[..., jax.Array]:
   """``(params, batch_stats, x, y) -> accuracy`` over the whole set, jitted."""
 
@@ -311,8 +330,8 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
                                  steps_per_call=steps_per_call)
   evaluate = make_evaluate(net)
   x_train, y_train = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
-  key = jax.random.key(seed)
-  epoch_iter = range(start, epochs)
+  epoch_iter = iterate_epochs(train_epoch, state, x_train, y_train, jax.random.key(seed),
+                              stop=epochs, start=start)
   if progress:
     try:  # tqdm is not part of jaxsparse's base install
       from tqdm.auto import tqdm
@@ -321,11 +340,7 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
                         "(or pass progress=False)") from e
     epoch_iter = tqdm(epoch_iter, desc=f"{method} {model} {dataset}", unit="epoch",
                       initial=start, total=epochs)
-  for epoch in epoch_iter:
-    t0 = time.perf_counter()
-    new_state, loss, losses = train_epoch(state, x_train, y_train, jax.random.fold_in(key, epoch))
-    loss = float(loss)  # blocks until the epoch is done
-    seconds = time.perf_counter() - t0
+  for epoch, new_state, loss, losses, seconds in epoch_iter:
     if stop_on_nan and not np.isfinite(loss):
       bad = int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
       kept = (f"; the last good checkpoint (after epoch {mngr.latest_step()}) is kept in "

@@ -21,6 +21,7 @@ from jaxsparse import analysis, core, kernels, methods, nn, pruning, regularizer
 from jaxsparse.analysis.flops import count_flops, flops_summary, total_flops
 from jaxsparse.analysis.formats import (best_formats, export_sparse, sparse_inference,
                                         storage_sizes, storage_summary)
+from jaxsparse.analysis.structure import StructureRecorder
 from jaxsparse.core.distributions import default_filter, densities, kept_counts, select_leaves
 from jaxsparse.core.masks import apply_masks, check_masks, count_leaves, sparsity, summary
 from jaxsparse.core.transform import (Health, MaskUpdate, MaskUpdateInputs, SparseState,
@@ -33,6 +34,7 @@ from jaxsparse.methods.sparse_evolutionary import sparse_evolutionary_training
 from jaxsparse.methods.static import dense, keep_masks, static_sparse
 from jaxsparse.pruning.criteria import (grasp_masks, obd_scores, score_masks, score_pruning,
                                         snip_masks, synflow_masks)
+from jaxsparse.pruning.lottery import lottery_ticket
 from jaxsparse.pruning.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
                                          random_pruning, rewind)
 from jaxsparse.pruning.obs import obs_prune
@@ -48,18 +50,18 @@ from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_las
 # (`core`, `nn`, ... would take common variable names), and no name of a builtin.
 __all__ = [
     "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear",
-    "SparseState", "add_group_lasso", "add_l1", "add_langevin_noise", "apply_masks",
-    "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
+    "SparseState", "StructureRecorder", "add_group_lasso", "add_l1", "add_langevin_noise",
+    "apply_masks", "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
     "count_flops", "count_leaves", "deep_r", "deep_r_optimizer", "default_filter", "dense",
     "densities", "dsr", "dynamic_sparse", "export_sparse", "filter_l1_masks", "flops_summary",
     "get_masks", "get_sparse_state", "gradual_pruning", "grasp_masks", "group_lasso_proximal",
-    "keep_masks", "kept_counts", "l1_proximal", "load_masks", "magnitude_masks",
+    "keep_masks", "kept_counts", "l1_proximal", "load_masks", "lottery_ticket", "magnitude_masks",
     "magnitude_pruning", "nm_masks", "obd_scores", "obs_prune", "owl_sparsities",
     "propagate_channels", "random_pruning", "rewind", "rigl", "score_masks", "score_pruning",
     "select_leaves", "sensitivity_decay", "slimming_masks", "snfs", "snip_masks",
     "sparse_evolutionary_training", "sparse_inference", "sparse_transform", "sparsegpt",
-    "sparsity", "static_sparse", "storage_sizes", "storage_summary", "summary",
-    "synflow_masks", "threshold_and_freeze", "topk_gradients", "total_flops", "wanda_mask"
+    "sparsity", "static_sparse", "storage_sizes", "storage_summary", "summary", "synflow_masks",
+    "threshold_and_freeze", "topk_gradients", "total_flops", "wanda_mask"
 ]
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Small real-data fixtures shared by the tests: an MLP on scikit-learn's digits."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,3 +55,9 @@ def batches(n_steps, batch=64, seed=0):
   for _ in range(n_steps):
     idx = rng.integers(0, len(x), batch)
     yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
+
+
+def eight_cpu_devices_env(**extra: str) -> dict:
+  """The environment of a subprocess with 8 CPU devices, keeping the suite's XLA_FLAGS."""
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)

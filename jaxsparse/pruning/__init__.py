@@ -1,6 +1,7 @@
-"""Pruning: magnitude (one-shot, gradual, lottery tickets), saliency criteria (SNIP, GraSP,
+"""Pruning: magnitude (one-shot, gradual), lottery tickets (:mod:`~jaxsparse.pruning.lottery`:
+iterative magnitude pruning with rewinding), saliency criteria (SNIP, GraSP,
 SynFlow, OBD), Optimal Brain Surgeon (:mod:`~jaxsparse.pruning.obs`), structured and N:M masks,
 and one-shot pruning of trained transformers from calibration data (Wanda, SparseGPT)."""
 
 from jaxsparse.pruning import magnitude  # noqa: I001 (criteria builds on magnitude)
-from jaxsparse.pruning import criteria, obs, oneshot, structured
+from jaxsparse.pruning import criteria, lottery, obs, oneshot, structured

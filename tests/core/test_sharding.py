@@ -250,8 +250,8 @@ CASES = {"equivalence": case_equivalence, "topk": case_topk, "bad": case_bad}
 # ---------------------------------------------------------------------------- pytest side
 
 def _start_worker(*args: str) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  from tests.helpers import eight_cpu_devices_env
+  env = eight_cpu_devices_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -194,6 +194,26 @@ def test_tiny_sweep_writes_table_plots_and_tensorboard_and_skips_finished_runs(t
       n: mtimes[n] for n in names[:-1]}
 
 
+def test_sweep_compares_methods_over_seeds_and_refuses_unfinished_results(tmp_path, capsys):
+  """What experiments.compare did (removed: the sweep covers it): methods x seeds at one
+  sparsity, one table row per method, and results already in the folder are refused."""
+  out = tmp_path / "cmp"
+  args = ["digits_dense", "--methods", "dense,static", "--seeds", "0,1", "--sparsities", "0.5",
+          "epochs=2", "--out", str(out), "--no-progress"]
+  reports = sweep.sweep("digits_dense", ["dense", "static"], [0.5], [0, 1], ["epochs=2"],
+                        out=str(out))
+  runs = [(r["config"]["method"], r["config"]["seed"]) for r in reports]
+  assert [r for r in runs if r[0] in ("dense", "static")] == [("dense", 0), ("static", 0),
+                                                               ("dense", 1), ("static", 1)]
+  table = (out / "table.md").read_text()
+  assert "| *dense* | 0 | 2 |" in table and "| static | 0.5 | 2 |" in table
+  assert len((out / "table.csv").read_text().strip().splitlines()) == 5
+  os.remove(out / sweep.run_name("static", 0.5, 1) / "report.json")
+  capsys.readouterr()
+  assert sweep.main(args) == 2
+  assert "already exists; pass --resume" in capsys.readouterr().err
+
+
 def test_resumed_run_continues_the_tensorboard_curves(tmp_path):
   out = str(tmp_path / "run")
   run.run("digits_dense", TINY, out=out)

@@ -70,6 +70,25 @@ def test_steps_per_call_runs_the_same_steps_as_the_scanned_epoch():
     training.make_train_epoch(net, tx, 100, steps_per_call=0)
 
 
+def test_iterate_epochs_folds_the_epoch_into_the_key_and_resumes_alike():
+  """The experiments' one epoch loop: epoch e shuffles with fold_in(key, e), so starting at
+  epoch 2 from epoch 2's state gives the uninterrupted run's epochs."""
+  import jax
+
+  def train_epoch(state, x, y, key):   # the "loss" is a function of the epoch's key
+    losses = jax.random.uniform(key, (3,)) + state
+    return state + 1, losses.mean(), losses
+
+  key = jax.random.key(0)
+  full = list(training.iterate_epochs(train_epoch, 0, None, None, key, stop=4))
+  assert [e for e, *_ in full] == [0, 1, 2, 3] and [s for _, s, *_ in full] == [1, 2, 3, 4]
+  assert all(isinstance(loss, float) and seconds >= 0 for _, _, loss, _, seconds in full)
+  assert len({loss - s for _, s, loss, *_ in full}) == 4          # a new key every epoch
+  resumed = list(training.iterate_epochs(train_epoch, full[1][1], None, None, key, stop=4,
+                                         start=2))
+  assert [r[:3] for r in resumed] == [f[:3] for f in full[2:]]
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="method"):
     training.make_method("rigl2", None, 0.5, total_steps=10, steps_per_epoch=1)
@@ -77,20 +96,6 @@ def test_bad_arguments():
     training.make_optimizer("lbfgs2", 0.1)
   with pytest.raises(ValueError, match="epochs"):
     training.train(epochs=0, progress=False)
-
-
-def test_compare_writes_table_and_refuses_existing_results(tmp_path):
-  from experiments import compare
-  out = tmp_path / "cmp"
-  runs = compare.main(["--methods", "dense", "static", "--seeds", "0", "1", "--epochs", "2",
-                       "--sparsity", "0.5", "--out-dir", str(out)])
-  assert [(r["method"], r["seed"]) for r in runs] == [("dense", 0), ("dense", 1), ("static", 0),
-                                                       ("static", 1)]
-  table = (out / "table.md").read_text()
-  assert "| dense | 0.000 |" in table and "| static | 0.500 |" in table
-  assert len((out / "runs.csv").read_text().strip().splitlines()) == 5
-  with pytest.raises(FileExistsError, match="--out-dir"):
-    compare.main(["--methods", "dense", "--seeds", "0", "--epochs", "1", "--out-dir", str(out)])
 
 
 def test_dst_compare_writes_table_csv_plot_and_checks_the_ordering(tmp_path):

@@ -285,8 +285,8 @@ CASES = {"tp8": case_tensor_parallel_8, "dp8": case_data_parallel_8, "2x4": case
 def test_8_devices_forward_grads_shardings_no_recompile():
   """Meshes (8,) [tensor parallel; data parallel] and (2, 4) [data, model] in float32 and
   bfloat16, against the dense masked matmul and its jax.grad; one worker process."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  from tests.helpers import eight_cpu_devices_env
+  env = eight_cpu_devices_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), *CASES], env=env, cwd=ROOT,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert proc.returncode == 0, f"worker failed (rc={proc.returncode}):\n{proc.stdout[-8000:]}"

@@ -293,15 +293,3 @@ def test_other_bad_arguments_are_named():
     criteria.obd_scores(p, loss, b, curvature="hutchinson")
   with pytest.raises(ValueError, match="iterations"):
     criteria.synflow_masks(p, apply, (3,), 0.5, iterations=0)
-
-
-def test_lottery_rounds_prune_20_percent_output_at_half_rate_and_land_on_targets():
-  from experiments.lottery import imp_step_counts
-  sizes = {"fc1/kernel": 1000, "fc2/kernel": 500, "fc3/kernel": 100}
-  out = {"fc1/kernel": False, "fc2/kernel": False, "fc3/kernel": True}
-  kept = imp_step_counts(dict(sizes), out, sizes, 0.2, 0.1, target=0.9)
-  assert kept == {"fc1/kernel": 800, "fc2/kernel": 400, "fc3/kernel": 90}
-  for _ in range(30):
-    kept = imp_step_counts(kept, out, sizes, 0.2, 0.1, target=0.9)
-  assert sum(kept.values()) == round(0.1 * 1600)
-  assert kept["fc3/kernel"] / 100 > kept["fc1/kernel"] / 1000   # the output layer is pruned less

@@ -2,7 +2,6 @@
 equations, N:M counts, sequential calibration, OWL's exact layer sparsities, errors, sharding."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import optax
 import pytest
 
 import jaxsparse as js
+from tests.helpers import eight_cpu_devices_env
 from jaxsparse.pruning import oneshot
 from jaxsparse.core import selection as topk
 from jaxsparse.nn import transformer as tr
@@ -304,8 +304,7 @@ def test_sharded_prune_matches_one_device(lm, tmp_path):
                             zip(js.core.masks.leaf_names(tree), jax.tree.leaves(tree))}
   np.savez(tmp_path / "ref.npz", tokens=tokens, **flat(one.masks, "masks/"),
            **flat(one.params, "params/"), **flat(params, "init/"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = eight_cpu_devices_env()
   proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "ref.npz")], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Lottery tickets (Frankle & Carbin 2019): iterative magnitude pruning with rewinding.
 
-A reusable loop built from the library's pieces: each round trains the current
+A loop over the caller's training: each round trains the current
 ticket (``jaxsparse.keep_masks`` inside the caller's ``train_fn``), removes
 ``rate`` (20%) of the remaining weights of every sparse layer by magnitude
 (the output layer at ``output_rate``, half the rate by default), and rewinds
@@ -9,7 +9,7 @@ the survivors to their values at init or at an early step k
 overshoot a target prunes a smaller fraction (the same for every layer,
 halved for the output layer) so that the sparse leaves land exactly on it.
 
-  from experiments.lottery import lottery_ticket
+  from jaxsparse.pruning.lottery import lottery_ticket   # or js.lottery_ticket
   rounds = lottery_ticket(train_fn, init_params, targets=(0.9, 0.95), rewind_params=init_params)
 """
 
@@ -41,7 +41,8 @@ def _next_counts(kept: dict, is_output: dict, p: float, output_rate_ratio: float
 
 def imp_step_counts(kept: dict, is_output: dict, sizes: dict, rate: float, output_rate: float,
                     target: float | None) -> dict:
-  """Per-leaf kept counts after one round: ``rate`` of each layer's survivors (output: ``output_rate``).
+  """Per-leaf kept counts after one round: ``rate`` of each layer's survivors (the output
+  layer's: ``output_rate``).
 
   If that would pass ``target`` sparsity, the rate is reduced (bisection,
   keeping the output layer's ratio) to land on ``target``.
@@ -117,7 +118,8 @@ def lottery_ticket(train_fn: Callable[[Any, Any], tuple[Any, Any]], init_params:
   is_output = {n: output_layer is not None and output_layer in n.split("/") for n in shapes}
   sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
   kept = dict(sizes)
-  masks = core.masks_from_fn(init_params, shapes, lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool))
+  masks = core.masks_from_fn(init_params, shapes,
+                             lambda n, leaf, i: jnp.ones(jnp.shape(leaf), bool))
   rounds: list[Round] = []
   start = init_params
   index = 0
