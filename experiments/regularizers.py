@@ -222,7 +222,7 @@ def main(argv=None) -> list[dict]:
                  help="L0 strength for neuron gates (a gate's expected L0 counts its whole row)")
   p.add_argument("--sensitivity", type=float, default=5e-4, help="sensitivity-driven lambda")
   p.add_argument("--sensitivity-threshold", type=float, default=1e-2,
-                 help="|w| at or below which sensitivity-regularised weights are removed")
+                 help="|w| at or below which sensitivity-regularized weights are removed")
   p.add_argument("--no-magnitude", action="store_true",
                  help="skip the magnitude-pruning baselines (for quick tuning runs)")
   p.add_argument("--out-dir", required=True)

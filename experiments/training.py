@@ -18,11 +18,8 @@ import optax
 
 from experiments import data
 from jaxsparse.core import masks as masks_lib, registry, transform as core
-from jaxsparse.methods import deep_rewiring, dst
-from jaxsparse.pruning import magnitude
 from jaxsparse.nn import models
-from jaxsparse.regularizers import penalties as regularisers
-from jaxsparse.methods import sparse_evolutionary, static
+from jaxsparse.regularizers import penalties
 
 # The library's registered methods (jaxsparse.core.registry), each with its run-scaled defaults.
 METHODS = registry.names()
@@ -292,7 +289,7 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   lr = make_learning_rate(lr_schedule, learning_rate, total_steps)
   inner = make_optimizer(optimizer, lr, momentum=momentum, weight_decay=weight_decay)
   if l1:
-    inner = optax.chain(regularisers.add_l1(l1), inner)
+    inner = optax.chain(penalties.add_l1(l1), inner)
   if method == "deepr":
     method_kwargs = {"learning_rate": lr, **(method_kwargs or {})}
   tx = make_method(method, inner, sparsity, total_steps=total_steps,

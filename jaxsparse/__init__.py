@@ -67,7 +67,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Deprecated for one release: the flat module names of 0.1 (`js.dst`, `from jaxsparse import
-# masks`), British `regularisers`, and `js.sparse_evolutionary_training`, which shadows the builtin when imported by name.
+# masks`), British `regularisers`, and `js.set`, which shadows the builtin when imported by name.
 _DEPRECATED_MODULES = {
     "masks": "jaxsparse.core.masks", "topk": "jaxsparse.core.selection",
     "distributions": "jaxsparse.core.distributions", "schedules": "jaxsparse.core.schedules",

@@ -83,6 +83,8 @@ def test_deprecated_names_warn_and_still_work():
   for name in jaxsparse._DEPRECATED_MODULES:        # every old name resolves to a module
     with pytest.warns(DeprecationWarning):
       assert isinstance(getattr(jaxsparse, name), types.ModuleType)
+  with pytest.warns(DeprecationWarning, match="RegularizerState"):
+    assert penalties.RegulariserState is penalties.RegularizerState
   with pytest.raises(AttributeError, match="experiments.training"):
     jaxsparse.training                               # application code left the library
   with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):

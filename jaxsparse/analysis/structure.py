@@ -30,7 +30,7 @@ def mask_change(old: Any, new: Any) -> float:
   """``|new XOR old| / |old|``: entries that changed, over the entries ``old`` kept.
 
   Both a dropped and a grown connection count, so a method that rewires a fraction
-  ``f`` of a layer's connections at fixed density gives ``2 f``. SET with ``zeta =
+  ``f`` of a layer's connections at fixed density gives ``2 f``. SET with ``drop_fraction =
   0.3`` gives about 0.6 per update, more where active weights are exactly zero (SET
   drops those too: e.g. connections from an always-blank input pixel, which get no
   gradient). The denominator is the previous mask's kept count (at least 1, so an

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsparse.core import registry, schedules, selection as topk, transform as core
-from jaxsparse.regularizers import penalties as regularisers
+from jaxsparse.regularizers import penalties
 from jaxsparse.core import distributions as dist
 from jaxsparse.core import masks as masks_lib
 from jaxsparse.methods.static import random_masks
@@ -97,7 +97,7 @@ def deep_r_optimizer(learning_rate: schedules.ScalarOrSchedule = 0.05, *, l1: fl
   """DeepR's inner step: ``chain(add_l1(l1), sgd(eta), add_langevin_noise(T, eta))``."""
   if not callable(temperature) and (not isinstance(temperature, (int, float)) or temperature < 0):
     raise ValueError(f"temperature must be >= 0 (or a schedule), got {temperature!r}")
-  return optax.chain(regularisers.add_l1(l1), optax.sgd(learning_rate),
+  return optax.chain(penalties.add_l1(l1), optax.sgd(learning_rate),
                      add_langevin_noise(temperature, learning_rate, seed))
 
 
@@ -154,7 +154,7 @@ def _deep_r_around(inner: optax.GradientTransformation, sparsity: float, *,
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """DeepR with any ``inner`` optimizer: ``inner`` chained with DeepR's L1 term and Langevin
   noise (``eta = learning_rate``, the inner optimizer's), then :func:`deep_r`."""
-  chain = optax.chain(regularisers.add_l1(l1), inner,
+  chain = optax.chain(penalties.add_l1(l1), inner,
                       add_langevin_noise(temperature, learning_rate, seed))
   return deep_r(chain, sparsity, distribution=distribution, filter=filter, keep_dense=keep_dense,
                 overrides=overrides, seed=seed)

@@ -1,4 +1,4 @@
-"""Sparsity regularisers as optax transforms, and the threshold-and-freeze step.
+"""Sparsity regularizers as optax transforms, and the threshold-and-freeze step.
 
 Two kinds of transform, modelled on ``optax.add_decayed_weights``:
 
@@ -15,13 +15,13 @@ Penalties (Tibshirani 1996 for L1):
 L1 ``lam * sum |w|``; group lasso ``lam * sum_g ||w_g||_2`` (Yuan & Lin 2006;
 groups are output neurons/filters, input neurons, or a user grouping).
 
-Which leaves are regularised: ``filter(name, leaf) -> bool`` and ``keep_dense``, the
+Which leaves are regularized: ``filter(name, leaf) -> bool`` and ``keep_dense``, the
 arguments with which the methods choose their sparse leaves
 (:func:`jaxsparse.core.distributions.leaf_flags`); by default the kernels (rank >= 2).
 ``mask`` (as in ``optax.add_decayed_weights``, a tree of bools or a callable
 ``params -> tree of bools``) is their deprecated predecessor: it warns and still works.
 
-After training, :func:`threshold_and_freeze` turns the regularised dense
+After training, :func:`threshold_and_freeze` turns the regularized dense
 params into ``(params, masks)`` for ``jaxsparse.keep_masks(inner, masks)``.
 """
 
@@ -50,8 +50,8 @@ axes but the last); ``"input"``: one group per input neuron (all axes but the
 second to last, i.e. a row of a Dense kernel ``(in, out)``)."""
 
 
-class RegulariserState(NamedTuple):
-  """State of the regularisers: the step count (for schedules of lambda or eta)."""
+class RegularizerState(NamedTuple):
+  """State of the regularizers: the step count (for schedules of lambda or eta)."""
   count: jax.Array
 
 
@@ -94,7 +94,7 @@ def _selection(fn: str, mask: LeafMask, filter: dist.LeafFilter | None,
 
 
 def _leaf_flags(sel: Selection, params: Params) -> list[bool]:
-  """One static bool per leaf of ``params``: is this leaf regularised."""
+  """One static bool per leaf of ``params``: is this leaf regularized."""
   mask = sel.mask
   if mask is None:
     return dist.leaf_flags(params, filter=sel.filter, keep_dense=sel.keep_dense)
@@ -159,10 +159,10 @@ def _check_groups_arg(groups: Any) -> None:
 def group_ids(params: Params, groups: GroupSpec, mask: LeafMask = None, *,
               filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
               ) -> list[Groups | None]:
-  """Per leaf (flattening order), its :class:`Groups`, or None if not regularised.
+  """Per leaf (flattening order), its :class:`Groups`, or None if not regularized.
 
   Raises ValueError (naming the leaf) when a user grouping does not cover a
-  regularised leaf (missing, or ids of another shape).
+  regularized leaf (missing, or ids of another shape).
   """
   return _group_ids(params, groups, _selection("group_ids", mask, filter, keep_dense))
 
@@ -179,7 +179,7 @@ def _group_ids(params: Params, groups: GroupSpec, sel: Selection) -> list[Groups
       out.append(_named_group_ids(shape, groups, name))
     elif isinstance(groups, dict):
       if name not in groups:
-        raise ValueError(f"groups: no group ids for the regularised leaf '{name}' (the dict has "
+        raise ValueError(f"groups: no group ids for the regularized leaf '{name}' (the dict has "
                          f"{sorted(groups)}); add it or exclude it with filter or keep_dense")
       out.append(_user_group_ids(groups[name], shape, name))
     else:
@@ -200,7 +200,7 @@ def group_norms(w: jax.Array, g: Groups) -> jax.Array:
 def l1_penalty(params: Params, strength: float, mask: LeafMask = None, *,
                filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                ) -> jax.Array:
-  """``strength * sum |w|`` over the regularised leaves."""
+  """``strength * sum |w|`` over the regularized leaves."""
   flags = _leaf_flags(_selection("l1_penalty", mask, filter, keep_dense), params)
   return strength * sum((jnp.sum(jnp.abs(p)) for p, f in zip(jax.tree.leaves(params), flags) if f),
                         jnp.float32(0))
@@ -209,7 +209,7 @@ def l1_penalty(params: Params, strength: float, mask: LeafMask = None, *,
 def group_lasso_penalty(params: Params, strength: float, groups: GroupSpec = "output",
                         mask: LeafMask = None, *, filter: dist.LeafFilter | None = None,
                         keep_dense: Sequence[str] = ()) -> jax.Array:
-  """``strength * sum_g ||w_g||_2`` over the regularised leaves."""
+  """``strength * sum_g ||w_g||_2`` over the regularized leaves."""
   gs = _group_ids(params, groups, _selection("group_lasso_penalty", mask, filter, keep_dense))
   return strength * sum((jnp.sum(group_norms(p, g)) for p, g in zip(jax.tree.leaves(params), gs)
                          if g is not None), jnp.float32(0))
@@ -218,9 +218,9 @@ def group_lasso_penalty(params: Params, strength: float, groups: GroupSpec = "ou
 # ------------------------------------------------------------------ gradient transforms
 
 
-def _init(params: Params) -> RegulariserState:
+def _init(params: Params) -> RegularizerState:
   del params
-  return RegulariserState(count=jnp.zeros([], jnp.int32))
+  return RegularizerState(count=jnp.zeros([], jnp.int32))
 
 
 def add_l1(strength: ScalarOrSchedule, mask: LeafMask = None, *,
@@ -243,7 +243,7 @@ def add_l1(strength: ScalarOrSchedule, mask: LeafMask = None, *,
     flags = _leaf_flags(sel, params)
     updates = _map_flagged(lambda u, p: u + (lam * jnp.sign(p)).astype(u.dtype), flags,
                            updates, params)
-    return updates, RegulariserState(optax.safe_int32_increment(state.count))
+    return updates, RegularizerState(optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformation(_init, update_fn)
 
@@ -278,7 +278,7 @@ def add_group_lasso(strength: ScalarOrSchedule, groups: GroupSpec = "output",
     treedef = jax.tree.structure(updates)
     out = [u if g is None else u + _group_grad(p, g, lam).astype(u.dtype)
            for u, p, g in zip(jax.tree.leaves(updates), jax.tree.leaves(params), gs)]
-    return jax.tree.unflatten(treedef, out), RegulariserState(optax.safe_int32_increment(state.count))
+    return jax.tree.unflatten(treedef, out), RegularizerState(optax.safe_int32_increment(state.count))
 
   def init_fn(params):
     _group_ids(params, groups, sel)  # a grouping that does not cover a leaf fails here
@@ -304,7 +304,7 @@ def group_soft_threshold(v: jax.Array, g: Groups, tau: jax.Array) -> jax.Array:
 
 def _prox_transform(prox: Callable[[jax.Array, jax.Array, Any], jax.Array], strength, learning_rate,
                     leaf_info: Callable[[Params], list]) -> optax.GradientTransformation:
-  """``updates <- prox(params + updates, lr * lam) - params`` on the regularised leaves."""
+  """``updates <- prox(params + updates, lr * lam) - params`` on the regularized leaves."""
   _check_scalar_or_schedule(strength, "strength")
   _check_scalar_or_schedule(learning_rate, "learning_rate")
 
@@ -317,7 +317,7 @@ def _prox_transform(prox: Callable[[jax.Array, jax.Array, Any], jax.Array], stre
     # p + (prox - p) is exactly 0 where prox is 0 (x + (-x) == 0 in IEEE arithmetic).
     out = [u if i is None else prox(p + u, tau, i) - p
            for u, p, i in zip(jax.tree.leaves(updates), jax.tree.leaves(params), info)]
-    return jax.tree.unflatten(treedef, out), RegulariserState(optax.safe_int32_increment(state.count))
+    return jax.tree.unflatten(treedef, out), RegularizerState(optax.safe_int32_increment(state.count))
 
   def init_fn(params):
     leaf_info(params)  # e.g. a grouping that does not cover a leaf fails here
@@ -400,7 +400,7 @@ def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
                       alpha: jax.Array | None = None, mask: LeafMask = None,
                       filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                       ) -> optax.GradientTransformationExtraArgs:
-  """Sensitivity-driven regularisation, Tartaglione et al. 2018, eq. 5.
+  """Sensitivity-driven regularization, Tartaglione et al. 2018, eq. 5.
 
   Adds ``-strength * w * max(0, 1 - S(w))`` to the optimizer's step, so with
   ``optax.chain(optax.sgd(eta), sensitivity_decay(lam, f))`` the update is
@@ -444,9 +444,9 @@ def sensitivity_decay(strength: ScalarOrSchedule, output_fn: OutputFn, *,
 def threshold_and_freeze(params: Params, threshold: float = 0.0, mask: LeafMask = None, *,
                          filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = ()
                          ) -> tuple[Params, Any]:
-  """Turns a regularised dense model into ``(params, masks)`` for ``jaxsparse.keep_masks``.
+  """Turns a regularized dense model into ``(params, masks)`` for ``jaxsparse.keep_masks``.
 
-  On the regularised leaves (``filter`` and ``keep_dense``; default the kernels), weights with
+  On the regularized leaves (``filter`` and ``keep_dense``; default the kernels), weights with
   ``|w| <= threshold`` are removed: their mask entry is False and they are set
   to exactly 0. Other leaves get the dense mask (scalar True). Fine-tune with
   ``jaxsparse.keep_masks(inner, masks)`` from the returned params.
@@ -459,3 +459,12 @@ def threshold_and_freeze(params: Params, threshold: float = 0.0, mask: LeafMask 
            for p, f in zip(jax.tree.leaves(params), flags)]
   masks = jax.tree.unflatten(treedef, masks)
   return masks_lib.apply_masks(params, masks), masks
+
+
+def __getattr__(name: str):
+  if name == "RegulariserState":  # deprecated for one release (American spelling)
+    import warnings
+    warnings.warn("RegulariserState is deprecated; use RegularizerState", DeprecationWarning,
+                  stacklevel=2)
+    return RegularizerState
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ from hypothesis import example, given, strategies as st
 
 import jaxsparse as js
 from jaxsparse.methods import deep_rewiring, dst
-from jaxsparse.regularizers import penalties as regularisers
+from jaxsparse.regularizers import penalties
 from jaxsparse.core import schedules
 from tests.helpers import batches, loss_fn, mlp_params
 
@@ -214,7 +214,7 @@ def _methods():
       "dsr": lambda inner: dst.dsr(inner, 0.9, target_pruned=40, update_period=10,
                                    doubling_steps=(250,), update_stop=450),
       "deepr": lambda inner: deep_rewiring.deep_r(
-          optax.chain(regularisers.add_l1(1e-5), inner,
+          optax.chain(penalties.add_l1(1e-5), inner,
                       deep_rewiring.add_langevin_noise(1e-6, 0.05)), 0.9),
       "set+gradient growth, DSR reallocation": lambda inner: dst.dynamic_sparse(
           inner, 0.9, drop=dst.drop_set(0.3), grow=dst.grow_gradient(),

@@ -34,7 +34,7 @@ def test_l1_proximal_matches_closed_form_soft_threshold_with_exact_zeros():
   np.testing.assert_allclose(np.asarray(new["w"]), [[0.3, 0.0, 0.2], [-0.25, 0.0, 0.0]], atol=1e-6)
   # exactly zero, not merely small
   assert (np.asarray(new["w"]) == 0.0).sum() == 3
-  # the bias (rank 1) is not regularised by default: plain sgd step
+  # the bias (rank 1) is not regularized by default: plain sgd step
   np.testing.assert_allclose(np.asarray(new["b"]), [0.9, -2.1, -0.1], rtol=1e-6)
 
 
