@@ -42,6 +42,7 @@ def kernel_env(tmp_path_factory):
       os.environ[k] = v
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_top_to_bottom(path, kernel_env):
   nb = nbformat.read(path, as_version=4)

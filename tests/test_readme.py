@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -15,6 +16,7 @@ def block(heading: str) -> str:
                    re.S).group(1)
 
 
+@pytest.mark.e2e
 def test_readme_example_runs(capsys):
   code = block("## Usage with optax")
   assert len(code.strip().splitlines()) <= 22
@@ -34,6 +36,7 @@ def test_readme_example_runs(capsys):
   assert type(scope["exported"]["fc1"]["kernel"]).__name__ == "BCOO"
 
 
+@pytest.mark.e2e
 def test_readme_nnx_example_runs(capsys):
   from flax import nnx
   scope: dict = {}

@@ -251,11 +251,13 @@ CASES = {"equivalence": case_equivalence, "topk": case_topk, "bad": case_bad}
 
 def _start_worker(*args: str) -> subprocess.Popen:
   from tests.helpers import eight_cpu_devices_env
-  env = eight_cpu_devices_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = eight_cpu_devices_env(xla_default_optimization=True,
+                              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.e2e
 def test_8_devices_same_masks_and_params_and_shardings_kept():
   """SET, RigL, DSR, global gradual pruning: 1 device vs meshes (8,), (4, 2), (2, 4) in each
   layout; O(n) selection on sharded inputs vs lax.top_k; non-dividing shardings.

@@ -10,6 +10,7 @@ from experiments import block_sizes
 from experiments import data
 
 
+@pytest.mark.e2e
 def test_block_rigl_on_digits_keeps_blocks_and_writes_table(tmp_path):
   # digits: 8x8 = 64 features (no padding needed for blocks of 16), hidden 64; one epoch is
   # 14 steps, and RigL's period max(1, 14 // 20) = 1 step makes 9 block mask updates.

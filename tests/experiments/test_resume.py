@@ -38,6 +38,7 @@ def _wait(proc):
   assert proc.returncode == 0, err.decode()[-3000:]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_bit_identically_and_refuses_shape_changes(tmp_path):
   killed, full, cache = (str(tmp_path / n) for n in ("killed", "full", "cache"))
   proc = _runner(killed, cache=cache)

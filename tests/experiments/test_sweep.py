@@ -132,6 +132,7 @@ def test_aggregation_gives_mean_and_std_over_seeds_and_keeps_the_baselines(tmp_p
   np.testing.assert_allclose(np.asarray(point.get_xdata(), float), [dense["sparse_flops"]])
 
 
+@pytest.mark.e2e
 def test_tiny_sweep_writes_table_plots_and_tensorboard_and_skips_finished_runs(tmp_path, monkeypatch,
                                                                                capsys):
   out = str(tmp_path / "sweep")
@@ -194,6 +195,7 @@ def test_tiny_sweep_writes_table_plots_and_tensorboard_and_skips_finished_runs(t
       n: mtimes[n] for n in names[:-1]}
 
 
+@pytest.mark.e2e
 def test_sweep_compares_methods_over_seeds_and_refuses_unfinished_results(tmp_path, capsys):
   """What experiments.compare did (removed: the sweep covers it): methods x seeds at one
   sparsity, one table row per method, and results already in the folder are refused."""

@@ -8,6 +8,7 @@ from experiments import train as train_cli
 from experiments import training
 
 
+@pytest.mark.e2e
 def test_set_lenet300_90_percent_sparse_reaches_90_percent_on_digits():
   # (timings belong to experiments/bench_*: no wall-clock limit in a unit test)
   result = training.train(dataset="digits", model="lenet300", method="set", sparsity=0.9,
@@ -34,6 +35,7 @@ def test_cli_writes_results_json(tmp_path):
   assert r["seconds_per_epoch"] > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", training.METHODS)
 def test_every_method_trains_and_ends_at_its_sparsity(method):
   result = training.train(dataset="digits", model="lenet300", method=method, sparsity=0.8,
@@ -98,6 +100,7 @@ def test_bad_arguments():
     training.train(epochs=0, progress=False)
 
 
+@pytest.mark.e2e
 def test_dst_compare_writes_table_csv_plot_and_checks_the_ordering(tmp_path):
   from experiments import dst_compare
   out = tmp_path / "dst"

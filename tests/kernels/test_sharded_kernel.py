@@ -282,6 +282,7 @@ CASES = {"tp8": case_tensor_parallel_8, "dp8": case_data_parallel_8, "2x4": case
 
 # ---------------------------------------------------------------------------- pytest side
 
+@pytest.mark.e2e
 def test_8_devices_forward_grads_shardings_no_recompile():
   """Meshes (8,) [tensor parallel; data parallel] and (2, 4) [data, model] in float32 and
   bfloat16, against the dense masked matmul and its jax.grad; one worker process."""

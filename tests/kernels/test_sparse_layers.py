@@ -32,6 +32,7 @@ def make_linen(mode):
   return MLP()
 
 
+@pytest.mark.e2e
 def test_linen_kernel_path_trains_like_masked_dense_with_jaxsparse_masks():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(24, 64)), jnp.float32)

@@ -222,6 +222,7 @@ def _methods():
   }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(_methods()))
 def test_invariants_over_500_jitted_steps(name):
   tx = optax.chain(optax.clip_by_global_norm(5.0),

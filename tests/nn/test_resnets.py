@@ -237,6 +237,7 @@ def test_batch_stats_update_in_train_mode_only(resnet8):
 # ------------------------------------------------------------------ sparse training
 
 
+@pytest.mark.e2e
 def test_sparse_mask_trains_with_masked_weights_exactly_zero(resnet8):
   xs, ys = digits()
   xs = xs.reshape(-1, 8, 8, 1)  # 8x8 digits: the three stages run at 8, 4 and 2

@@ -205,6 +205,7 @@ def _output_errors(model, params, tokens, nm):
   return errors
 
 
+@pytest.mark.e2e
 def test_tiny_lm_trains_below_unigram_then_prunes():
   """On the embedded default corpus: train, then one-shot prune without fine-tuning.
 

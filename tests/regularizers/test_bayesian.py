@@ -188,6 +188,7 @@ class _VDMLP(nn.Module):
     return bz.SparseVDDense(10, name="fc3")(x, deterministic)
 
 
+@pytest.mark.e2e
 def test_sparse_vd_on_digits_reaches_90_percent_sparsity_and_90_percent_accuracy():
   ds = data.load_dataset("digits")
   net = _VDMLP()
