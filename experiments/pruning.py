@@ -111,6 +111,42 @@ class Runner:
     return jnp.asarray(self.ds.x_train[idx]), jnp.asarray(self.ds.y_train[idx])
 
 
+# Criteria applied at initialisation, then the masked network trains from scratch:
+# (runner, init params, sparsity, args, seed) -> masks.
+AT_INIT = {
+    "snip": lambda r, init, sp, a, seed: criteria.snip_masks(
+        init, r.loss, r.batch(a.score_batch, seed), sp),
+    "grasp": lambda r, init, sp, a, seed: criteria.grasp_masks(
+        init, r.loss, r.per_class_batch(a.per_class, seed), sp),
+    "synflow": lambda r, init, sp, a, seed: criteria.synflow_masks(
+        init, r.apply, r.ds.input_shape, sp, iterations=a.synflow_iterations),
+}
+
+
+def _magnitude(r, dense, sp, a, seed):
+  masks = magnitude.magnitude_masks(dense, sp, scope="global")
+  return masks, masks_lib.apply_masks(dense, masks)
+
+
+def _obd(r, dense, sp, a, seed):
+  scores = criteria.obd_scores(dense, r.loss, r.batch(a.curvature_batch, seed))
+  masks = criteria.score_masks(scores, sp, scope="global")
+  return masks, masks_lib.apply_masks(dense, masks)
+
+
+def _obs(r, dense, sp, a, seed):  # OBS also moves the kept weights (its compensating update)
+  res = obs.obs_prune(dense, r.loss, r.batch(a.curvature_batch, seed), sp, damping=a.damping,
+                      block_size=a.obs_block, scope="global")
+  return res.masks, res.params
+
+
+# One-shot criteria applied to the trained dense network, then fine-tuned:
+# (runner, dense params, sparsity, args, seed) -> (masks, pruned params).
+AFTER_TRAINING = {"magnitude": _magnitude, "obd": _obd, "obs": _obs}
+# "random" and "gradual" prune during training (experiments.training.make_method); "lottery"
+# is iterative magnitude pruning with rewinding (jaxsparse.pruning.lottery).
+
+
 def run_model(args, runner: Runner, seed: int, bar) -> list[dict]:
   rows = []
   a = args
@@ -138,28 +174,12 @@ def run_model(args, runner: Runner, seed: int, bar) -> list[dict]:
                                       steps_per_epoch=runner.steps_per_epoch, seed=seed)
         params, masks = runner.fit(init, make, a.epochs, a.lr, seed)
         row(method, sp, runner.accuracy(params), masks, params, t0)
-      elif method in ("snip", "grasp", "synflow"):
-        if method == "snip":
-          masks = criteria.snip_masks(init, runner.loss, runner.batch(a.score_batch, seed), sp)
-        elif method == "grasp":
-          masks = criteria.grasp_masks(init, runner.loss, runner.per_class_batch(a.per_class, seed), sp)
-        else:
-          masks = criteria.synflow_masks(init, runner.apply, runner.ds.input_shape, sp,
-                                         iterations=a.synflow_iterations)
+      elif method in AT_INIT:
+        masks = AT_INIT[method](runner, init, sp, a, seed)
         params = runner.train_masked(init, masks, a.epochs, a.lr, seed)
         row(method, sp, runner.accuracy(params), masks, params, t0)
       else:  # one-shot after dense training, then fine-tuning
-        if method == "magnitude":
-          masks = magnitude.magnitude_masks(dense_params, sp, scope="global")
-          pruned = masks_lib.apply_masks(dense_params, masks)
-        elif method == "obd":
-          scores = criteria.obd_scores(dense_params, runner.loss, runner.batch(a.curvature_batch, seed))
-          masks = criteria.score_masks(scores, sp, scope="global")
-          pruned = masks_lib.apply_masks(dense_params, masks)
-        else:
-          res = obs.obs_prune(dense_params, runner.loss, runner.batch(a.curvature_batch, seed), sp,
-                              damping=a.damping, block_size=a.obs_block, scope="global")
-          masks, pruned = res.masks, res.params
+        masks, pruned = AFTER_TRAINING[method](runner, dense_params, sp, a, seed)
         oneshot = runner.accuracy(pruned)
         params = runner.train_masked(pruned, masks, a.finetune_epochs, a.finetune_lr, seed)
         row(method, sp, runner.accuracy(params), masks, params, t0, oneshot)

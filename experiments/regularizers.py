@@ -121,22 +121,26 @@ def sgd(lr: float, steps: int) -> tuple[optax.GradientTransformation, optax.Sche
   return optax.sgd(sched, momentum=0.9), sched
 
 
+# Regularizers of the plain LeNet-300-100, optax transforms chained after SGD:
+# (args, learning-rate schedule, model) -> transform. The others are gated layers (L0, VD).
+PLAIN = {
+    "l1_prox": lambda a, sched, net: penalties.l1_proximal(a.l1, sched),
+    "group_lasso_prox": lambda a, sched, net: penalties.group_lasso_proximal(
+        a.group_lasso, sched, groups="input"),
+    "sensitivity": lambda a, sched, net: penalties.sensitivity_decay(
+        a.sensitivity, lambda p, x: jax.nn.softmax(net.apply({"params": p}, x))),
+}
+
+
 def train_method(method: str, ds, args, seed: int) -> tuple[Any, Any]:
   """Trains ``method`` and returns plain LeNet-300-100 ``(params, masks)``."""
   n = len(ds.x_train)
   steps = (n // args.batch_size) * args.epochs
   plain = models.LeNet300100(ds.num_classes)
-  if method in ("l1_prox", "group_lasso_prox", "sensitivity"):
+  if method in PLAIN:
     params = models.init_params(plain, ds.input_shape, seed)["params"]
     opt, sched = sgd(args.lr, steps)
-    if method == "l1_prox":
-      tx = optax.chain(opt, penalties.l1_proximal(args.l1, sched))
-    elif method == "group_lasso_prox":
-      tx = optax.chain(opt, penalties.group_lasso_proximal(args.group_lasso, sched,
-                                                           groups="input"))
-    else:
-      out = lambda p, x: jax.nn.softmax(plain.apply({"params": p}, x))
-      tx = optax.chain(opt, penalties.sensitivity_decay(args.sensitivity, out))
+    tx = optax.chain(opt, PLAIN[method](args, sched, plain))
     loss = lambda p, x, y, key, t: ce(plain.apply({"params": p}, x), y)
     params, _ = fit(loss, tx, params, ds, args.epochs, args.batch_size, seed,
                     pass_inputs=method == "sensitivity")

@@ -53,3 +53,22 @@ def test_merge_combines_seeds_and_refuses_mixed_protocols_and_duplicates(tmp_pat
   with pytest.raises(SystemExit, match="args.json not found"):
     pruning.main(["--merge", a, other, "--out-dir", str(tmp_path / "missing")])
   assert not any(os.path.exists(tmp_path / d) for d in ("dup", "mixed", "missing"))
+
+
+@pytest.mark.e2e
+def test_every_criterion_runs_on_digits_and_reaches_its_sparsity(tmp_path):
+  """Each criterion family of the CLI (during training, at init, after training) on real data:
+  one row per method at the target sparsity, fine-tuned above chance."""
+  methods = ["random", "magnitude", "snip", "synflow", "obd", "obs"]
+  rows = pruning.main(["--out-dir", str(tmp_path / "p"), "--dataset", "digits", "--models",
+                       "lenet300", "--methods", *methods, "--sparsities", "0.9", "--epochs", "2",
+                       "--finetune-epochs", "1", "--batch-size", "32", "--curvature-batch", "32",
+                       "--obs-block", "16", "--synflow-iterations", "5", "--score-batch", "32"])
+  got = {r["method"]: r for r in rows}
+  assert set(got) == {"dense", *methods}
+  for m in methods:
+    assert abs(got[m]["sparsity"] - 0.9) < 0.01, got[m]
+    # chance is 0.1; random pruning (from 0% to 90% during 2 epochs) learns the slowest
+    assert got[m]["accuracy"] > (0.2 if m == "random" else 0.5), got[m]
+  for m in ("magnitude", "obd", "obs"):                  # one-shot after training, then tuned
+    assert got[m]["oneshot_accuracy"] == got[m]["oneshot_accuracy"]  # not NaN
