@@ -200,8 +200,14 @@ def weight_sharing(inner: optax.GradientTransformation, masks: Any = None, *,
       mask_leaves = jax.tree.leaves(masks)
     else:
       mask_leaves = [p != 0 for p in leaves]
+    flags = _shared_flags(params, filter)
+    if isinstance(bits, Mapping):
+      unknown = sorted(set(bits) - {n for n, f in zip(names, flags) if f})
+      if unknown:  # a typo would silently fall back to the default bits
+        raise ValueError(f"bits: {unknown} name no shared leaf; shared leaves are "
+                         f"{[n for n, f in zip(names, flags) if f]}")
     indices, centroids = [], []
-    for name, p, m, shared in zip(names, leaves, mask_leaves, _shared_flags(params, filter)):
+    for name, p, m, shared in zip(names, leaves, mask_leaves, flags):
       if not shared:
         indices.append(jnp.full((), -1, jnp.int32))
         centroids.append(jnp.zeros((0,), jnp.float32))

@@ -83,6 +83,8 @@ def test_masks_choose_the_kept_weights_and_bad_input_names_the_argument():
     ws.weight_sharing(optax.identity(), bits=0)
   with pytest.raises(ValueError, match=r"bits\['fc/kernel'\] must be >= 1, got -1"):
     ws.weight_sharing(optax.identity(), bits={"fc/kernel": -1}).init(params)
+  with pytest.raises(ValueError, match=r"bits: \['fc/bias'\] name no shared leaf"):
+    ws.weight_sharing(optax.identity(), bits={"fc/bias": 4}).init(params)
   with pytest.raises(ValueError, match="iterations must be an integer >= 1, got 0"):
     ws.weight_sharing(optax.identity(), iterations=0)
   with pytest.raises(ValueError, match="num_clusters must be an integer >= 1, got 0"):
