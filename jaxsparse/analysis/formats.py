@@ -13,7 +13,9 @@ index bits; ``lg(n) = ceil(log2(n))``):
 A leaf of rank other than 2 is viewed as a matrix: rank 0 and 1 as one row,
 higher ranks as ``(prod(shape[:-1]), shape[-1])`` (a conv kernel ``HWIO`` as
 ``(H*W*I, O)``). BSR is only priced when the block divides that matrix.
-These are host-side summaries (not for use under ``jit``).
+These are host-side summaries (not for use under ``jit``). Deep Compression's format
+(relative indices with fillers, a shared-weight codebook, Huffman coding) is priced on top of
+these helpers in :mod:`jaxsparse.analysis.compression`.
 
 Exports turn every sparse 2D leaf into ``jax.experimental.sparse`` ``BCOO`` or
 ``BCSR``, or into plain numpy CSR arrays (:class:`CSRArrays`); other leaves are

@@ -1,7 +1,8 @@
 """Pruning: magnitude (one-shot, gradual), lottery tickets (:mod:`~jaxsparse.pruning.lottery`:
 iterative magnitude pruning with rewinding), saliency criteria (SNIP, GraSP,
 SynFlow, OBD), Optimal Brain Surgeon (:mod:`~jaxsparse.pruning.obs`), structured and N:M masks,
-and one-shot pruning of trained transformers from calibration data (Wanda, SparseGPT)."""
+one-shot pruning of trained transformers from calibration data (Wanda, SparseGPT), and Deep
+Compression's trained quantization by weight sharing (:mod:`~jaxsparse.pruning.weight_sharing`)."""
 
 from jaxsparse.pruning import magnitude  # noqa: I001 (criteria builds on magnitude)
-from jaxsparse.pruning import criteria, lottery, obs, oneshot, structured
+from jaxsparse.pruning import criteria, lottery, obs, oneshot, structured, weight_sharing
