@@ -238,12 +238,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
       rows.append(dict(sparsity=s, block=b, ideal=1 / (1 - s),
                        **mlp_row(m, width, depth, s, (b, b), args, be, dtype)))
 
-  print("\n| sparsity | block | case | implementation | dense ms | sparse ms | ratio | ideal |")
-  print("|---:|---:|---|---|---:|---:|---:|---:|")
-  for r in rows:
-    extra = f" ({r['error']})" if "error" in r else ""
-    print(f"| {r['sparsity']:.0%} | {r['block']} | {r['case']} | {r['impl']}{extra} | "
-          f"{r['dense_ms']:.3f} | {r['ms']:.3f} | {r['ratio']:.2f}x | {r['ideal']:.1f}x |")
+  print("\n" + common.markdown_table(
+      ["sparsity", "block", "case", "implementation", "dense ms", "sparse ms", "ratio", "ideal"],
+      [[f"{r['sparsity']:.0%}", r["block"], r["case"],
+        r["impl"] + (f" ({r['error']})" if "error" in r else ""), f"{r['dense_ms']:.3f}",
+        f"{r['ms']:.3f}", f"{r['ratio']:.2f}x", f"{r['ideal']:.1f}x"] for r in rows],
+      align="rrllrrrr"))
   if args.json:
     meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                 backend=be.name, small=args.small, dtype=args.dtype)

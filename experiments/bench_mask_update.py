@@ -96,9 +96,10 @@ def bench(n_target: int, sparsity: float, batch_size: int, repeats: int) -> dict
   dsr_off = jax.jit(tx_off.update)
 
   t = common.median_seconds({"dense": lambda: dense_step(params, dense_state),
-               "global": lambda: glob(sparse_params, masks),
-               "dsr_on": lambda: dsr_on(grads, state, sparse_params),
-               "dsr_off": lambda: dsr_off(grads, state, sparse_params)}, repeats)
+                             "global": lambda: glob(sparse_params, masks),
+                             "dsr_on": lambda: dsr_on(grads, state, sparse_params),
+                             "dsr_off": lambda: dsr_off(grads, state, sparse_params)},
+                            repeats=repeats)
   kept = sum(int(jnp.sum(m)) for m in jax.tree.leaves(glob(sparse_params, masks)) if jnp.ndim(m))
   assert kept == sum(counts.values()), (kept, sum(counts.values()))
   realloc = max(t["dsr_on"] - t["dsr_off"], 0.0)
@@ -133,13 +134,13 @@ def main(argv=None) -> list[dict]:
           f"{r['global_magnitude_ms']:9.2f} ms ({r['global_ns_per_param']:.2f} ns/param, "
           f"{r['global_vs_dense']:.2f}x dense) | DSR realloc {r['dsr_realloc_ms']:9.2f} ms "
           f"({r['dsr_ns_per_param']:.2f} ns/param, {r['dsr_vs_dense']:.2f}x dense)", flush=True)
-  print("\n| params | dense step (ms) | global magnitude (ms) | ns/param | x dense | "
-        "DSR realloc (ms) | ns/param | x dense |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['params']:,} | {r['dense_step_ms']:.1f} | {r['global_magnitude_ms']:.1f} | "
-          f"{r['global_ns_per_param']:.2f} | {r['global_vs_dense']:.2f} | {r['dsr_realloc_ms']:.1f} | "
-          f"{r['dsr_ns_per_param']:.2f} | {r['dsr_vs_dense']:.2f} |")
+  print("\n" + common.markdown_table(
+      ["params", "dense step (ms)", "global magnitude (ms)", "ns/param", "x dense",
+       "DSR realloc (ms)", "ns/param", "x dense"],
+      [[f"{r['params']:,}", f"{r['dense_step_ms']:.1f}", f"{r['global_magnitude_ms']:.1f}",
+        f"{r['global_ns_per_param']:.2f}", f"{r['global_vs_dense']:.2f}",
+        f"{r['dsr_realloc_ms']:.1f}", f"{r['dsr_ns_per_param']:.2f}", f"{r['dsr_vs_dense']:.2f}"]
+       for r in rows]))
   print(f"backend {rows[0]['backend']} ({rows[0]['devices']} device(s)), jax {rows[0]['jax_version']}, "
         f"batch {args.batch_size}, sparsity {args.sparsity}, median of {args.repeats}")
   if args.out:

@@ -39,3 +39,13 @@ def test_lm_forward_small_runs_the_pruned_mlp_on_the_block_sparse_kernel():
   # FLOPs: the MLP is 2/3 of the block's Dense FLOPs; half of it goes.
   assert 1.2 < row["ideal"] < 1.5
   assert "| 50% | 16 | 8 of 16 |" in out["markdown"]
+
+
+def test_mask_update_part_small_times_the_exact_global_selection():
+  """``--small --parts mask_update`` in this process: bench_mask_update's rows (its ``bench``
+  asserts that global magnitude keeps exactly the planned count) and the part's table."""
+  out = gpu_check.part_mask_update(small=True)
+  (row,) = out["rows"]
+  assert out["ok"] and 90_000 <= row["params"] <= 110_000
+  assert row["dense_step_ms"] > 0 and row["global_magnitude_ms"] > 0
+  assert out["markdown"].splitlines()[0].startswith("| params | dense step ms |")
