@@ -23,7 +23,10 @@ At the end ``<out>`` gets ``table.md`` and ``table.csv`` (one row per method
 and sparsity: test accuracy mean +- std over seeds, the sample std with
 ``ddof=1``, 0 for one seed; and the means of the measured sparsity, sparse
 forward FLOPs, theoretical speedup, best-format storage bytes and seconds per
-epoch) and ``accuracy_vs_sparsity.png`` and ``accuracy_vs_flops.png`` (error
+epoch; and, where the sweep has a dense run, the pruned-parameter efficiency
+``(mean accuracy - mean dense accuracy) / sparsity``: see
+:func:`jaxsparse.analysis.efficiency.pruned_parameter_efficiency`) and
+``accuracy_vs_sparsity.png`` and ``accuracy_vs_flops.png`` (error
 bars: std; dense as a line with a +-std band, resp. a point; baselines dashed).
 """
 
@@ -42,13 +45,14 @@ import optax
 
 from experiments import configs, run
 from experiments import checkpoint, common, training
+from jaxsparse.analysis import efficiency
 
 BASELINES = ("random", "magnitude")
 """Pruning baselines run at every sparsity of a sweep (``dense`` runs once per seed)."""
 
 CSV_FIELDS = ("method", "baseline", "sparsity", "n_seeds", "seeds", "test_accuracy_mean",
               "test_accuracy_std", "measured_sparsity", "dense_flops", "sparse_flops",
-              "flops_speedup", "best_bytes", "seconds_per_epoch")
+              "flops_speedup", "best_bytes", "seconds_per_epoch", "pruned_parameter_efficiency")
 _MEANS = {"measured_sparsity": "sparsity_sparse_layers", "dense_flops": "dense_flops",
           "sparse_flops": "sparse_flops", "flops_speedup": "flops_speedup",
           "best_bytes": "best_bytes", "seconds_per_epoch": "seconds_per_epoch"}
@@ -174,6 +178,11 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   storage bytes and seconds per epoch. ``baseline`` is true for ``dense`` and
   :data:`BASELINES`. Rows: ``dense`` first, then the methods in order of first
   appearance, then the baselines; by sparsity within a method.
+
+  ``pruned_parameter_efficiency`` is
+  :func:`~jaxsparse.analysis.efficiency.pruned_parameter_efficiency` of the row's mean
+  accuracy, the ``dense`` row's mean accuracy and the row's (target) sparsity; ``None``
+  for the dense row itself, at sparsity 0, and without a dense run.
   """
   groups = _group(reports)
   rows = []
@@ -187,25 +196,38 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                  test_accuracy_mean=mean, test_accuracy_std=std)
       for field, key in _MEANS.items():
         row[field] = float(np.mean([float(r[key]) for r in rs]))
-      rows.append({k: row[k] for k in CSV_FIELDS})
-  return rows
+      rows.append(row)
+  dense = next((r for r in rows if r["method"] == "dense"), None)
+  for row in rows:
+    row["pruned_parameter_efficiency"] = (
+        efficiency.pruned_parameter_efficiency(row["test_accuracy_mean"],
+                                               dense["test_accuracy_mean"], row["sparsity"])
+        if dense is not None and row["sparsity"] > 0 else None)
+  return [{k: row[k] for k in CSV_FIELDS} for row in rows]
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
   """The rows of :func:`aggregate` as a markdown table (accuracy in %)."""
   lines = [f"# Sweep: {title}", ""] if title else []
   lines += ["Test accuracy: mean ± std (ddof=1) over seeds; the other columns: means over seeds. "
-            "Baselines in italics.", ""]
+            "Baselines in italics. PPE, pruned-parameter efficiency: (accuracy - dense "
+            "accuracy) / sparsity, in points (jaxsparse's definition, after Hoefler et al. "
+            "2021).", ""]
   cells = [[f"*{r['method']}*" if r["baseline"] else r["method"], f"{r['sparsity']:g}",
             r["n_seeds"],
             f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
             f"{r['measured_sparsity']:.2%}", f"{r['sparse_flops']:,.0f}",
             f"{r['flops_speedup']:.2f}x", f"{r['best_bytes']:,.0f}",
-            f"{r['seconds_per_epoch']:.3f}"] for r in rows]
+            f"{r['seconds_per_epoch']:.3f}", _format_ppe(r["pruned_parameter_efficiency"])]
+           for r in rows]
   lines.append(common.markdown_table(
       ["method", "sparsity", "seeds", "test accuracy (%)", "measured sparsity", "sparse FLOPs",
-       "speedup", "storage (bytes)", "s/epoch"], cells, align="lrrrrrrrr"))
+       "speedup", "storage (bytes)", "s/epoch", "PPE"], cells, align="lrrrrrrrrr"))
   return "\n".join(lines)
+
+
+def _format_ppe(value: float | None) -> str:
+  return "–" if value is None else f"{100 * value:+.2f}"
 
 
 def write_table(reports: Sequence[dict[str, Any]], out: str, title: str = "") -> str:

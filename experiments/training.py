@@ -19,7 +19,7 @@ import optax
 from experiments import data
 from jaxsparse.core import masks as masks_lib, registry, transform as core
 from jaxsparse.nn import models
-from jaxsparse.regularizers import penalties
+from jaxsparse.regularizers import distillation, penalties
 
 # The library's registered methods (jaxsparse.core.registry), each with its run-scaled defaults.
 METHODS = registry.names()
@@ -114,8 +114,17 @@ def _has_bn(batch_stats: Any) -> bool:
   return bool(jax.tree.leaves(batch_stats))
 
 
+def check_distillation(temperature: float, alpha: float) -> None:
+  """The loss's own checks (ValueError naming ``temperature`` or ``alpha``), run before
+  anything is built or traced rather than at the first step."""
+  distillation.distillation_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1, jnp.int32),
+                                 temperature=temperature, alpha=alpha)
+
+
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, *,
-                     return_losses: bool = False, steps_per_call: int | None = None
+                     return_losses: bool = False, steps_per_call: int | None = None,
+                     teacher: Callable[[jax.Array], jax.Array] | None = None,
+                     distill_temperature: float = 4.0, distill_alpha: float = 0.9
                      ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple]:
   """``(state, x, y, key) -> (state, mean_loss)``: one shuffled epoch on device.
 
@@ -130,7 +139,14 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
 
   With ``return_losses=True`` it returns ``(state, mean_loss, losses)``, the
   last holding the loss of every step of the epoch (to find a NaN's step).
+
+  ``teacher(x) -> logits`` (e.g. :func:`make_teacher`) turns the loss into
+  :func:`jaxsparse.regularizers.distillation.distillation_loss` with
+  ``distill_temperature`` and ``distill_alpha``: the teacher's logits are computed
+  for each batch inside the jitted step, and no gradient reaches the teacher.
   """
+  if teacher is not None:
+    check_distillation(distill_temperature, distill_alpha)
   if steps_per_call is not None and (isinstance(steps_per_call, bool)
                                      or not isinstance(steps_per_call, int) or steps_per_call < 1):
     raise ValueError(f"steps_per_call must be None or an integer >= 1, got {steps_per_call!r}")
@@ -143,7 +159,12 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
       batch_stats = upd["batch_stats"]
     else:
       logits = model.apply(variables, x, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if teacher is None:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    else:
+      loss = distillation.distillation_loss(
+          logits, jax.lax.stop_gradient(teacher(x)), y, temperature=distill_temperature,
+          alpha=distill_alpha).mean()
     return loss, batch_stats
 
   def train_step(state: TrainState, batch):
@@ -184,6 +205,15 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
     return finish(state, jnp.concatenate(losses))
 
   return train_epoch
+
+
+def make_teacher(model: nn.Module, variables: Mapping[str, Any]
+                 ) -> Callable[[jax.Array], jax.Array]:
+  """``x -> logits`` of a trained ``model`` in inference mode (batch norm's running
+  statistics), for :func:`make_train_epoch`'s and :func:`train`'s ``teacher``. Its
+  ``variables`` are frozen: they are no part of the student's state or gradients."""
+  variables = jax.lax.stop_gradient(dict(variables))
+  return lambda x: model.apply(variables, x, train=False)
 
 
 def iterate_epochs(train_epoch: Callable[..., tuple], state: Any, x: jax.Array, y: jax.Array,
@@ -235,7 +265,9 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
           log: Callable[[str], None] | None = print, checkpoint_dir: str | None = None,
           resume: bool = False, stop_on_nan: bool = False, steps_per_call: int | None = None,
           on_epoch_end: Callable[[dict[str, Any], TrainState], None] | None = None,
-          on_start: Callable[[], None] | None = None
+          on_start: Callable[[], None] | None = None,
+          teacher: Callable[[jax.Array], jax.Array] | None = None,
+          distill_temperature: float = 4.0, distill_alpha: float = 0.9
           ) -> dict[str, Any]:
   """Trains ``model`` on ``dataset`` with ``method`` and returns a results dict.
 
@@ -247,6 +279,10 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
   ``steps_per_call`` is :func:`make_train_epoch`'s (e.g. 5 for conv nets on CPU).
   The sparse leaves are ``model``'s default (:func:`make_method`'s ``model``) unless
   ``method_kwargs`` give a ``filter``.
+
+  ``teacher(x) -> logits`` (e.g. :func:`make_teacher` of a trained model) trains the
+  model by knowledge distillation (Hinton et al. 2015) with ``distill_temperature``
+  and ``distill_alpha`` (:func:`make_train_epoch`); the config then records both.
 
   Reliability hooks (all off by default; note that ``stop_on_nan`` is off here
   while ``python -m experiments.run`` turns it on):
@@ -277,6 +313,9 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
                 momentum=momentum, weight_decay=weight_decay, l1=l1, lr_schedule=lr_schedule,
                 seed=seed, steps_per_call=steps_per_call,
                 model_kwargs=dict(model_kwargs or {}), method_kwargs=dict(method_kwargs or {}))
+  if teacher is not None:  # only then: earlier runs' configs and checkpoints stay as they were
+    check_distillation(distill_temperature, distill_alpha)
+    config.update(distill_temperature=distill_temperature, distill_alpha=distill_alpha)
   ds = data.load_dataset(dataset, data_dir=data_dir, seed=seed)
   net = models.create_model(model, ds.num_classes, **(model_kwargs or {}))
   variables = models.init_params(net, ds.input_shape, seed)
@@ -324,7 +363,9 @@ def train(*, dataset: str = "digits", model: str = "lenet300", method: str = "se
     raise ValueError("resume=True needs a checkpoint_dir")
 
   train_epoch = make_train_epoch(net, tx, batch_size, return_losses=True,
-                                 steps_per_call=steps_per_call)
+                                 steps_per_call=steps_per_call, teacher=teacher,
+                                 distill_temperature=distill_temperature,
+                                 distill_alpha=distill_alpha)
   evaluate = make_evaluate(net)
   x_train, y_train = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
   epoch_iter = iterate_epochs(train_epoch, state, x_train, y_train, jax.random.key(seed),

@@ -20,6 +20,7 @@ import warnings as _warnings
 from jaxsparse import analysis, core, kernels, methods, nn, pruning, regularizers
 from jaxsparse.analysis.compression import (compression_sizes, huffman_code, huffman_decode,
                                             huffman_encode)
+from jaxsparse.analysis.efficiency import pruned_parameter_efficiency
 from jaxsparse.analysis.flops import count_flops, flops_summary, total_flops
 from jaxsparse.analysis.formats import (best_formats, export_sparse, sparse_inference,
                                         storage_sizes, storage_summary)
@@ -45,6 +46,7 @@ from jaxsparse.pruning.structured import (filter_l1_masks, nm_masks, propagate_c
                                           slimming_masks)
 from jaxsparse.pruning.weight_sharing import (WeightSharingState, kmeans_1d, share_weights,
                                               weight_sharing)
+from jaxsparse.regularizers.distillation import distillation_loss
 from jaxsparse.regularizers.ephemeral import topk_gradients
 from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_lasso_proximal,
                                               l1_proximal, sensitivity_decay,
@@ -53,21 +55,21 @@ from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_las
 # What `from jaxsparse import *` binds: the public functions and classes, not the subpackages
 # (`core`, `nn`, ... would take common variable names), and no name of a builtin.
 __all__ = [
-    "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear",
-    "SparseState", "StructureRecorder", "WeightSharingState", "add_group_lasso", "add_l1",
-    "add_langevin_noise", "apply_masks", "best_formats", "bsr_from_dense", "bsr_matmul",
-    "bsr_to_dense", "check_masks", "compression_sizes", "count_flops", "count_leaves", "deep_r",
-    "deep_r_optimizer", "default_filter", "dense", "densities", "dsr", "dynamic_sparse",
+    "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear", "SparseState",
+    "StructureRecorder", "WeightSharingState", "add_group_lasso", "add_l1", "add_langevin_noise",
+    "apply_masks", "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
+    "compression_sizes", "count_flops", "count_leaves", "deep_r", "deep_r_optimizer",
+    "default_filter", "dense", "densities", "distillation_loss", "dsr", "dynamic_sparse",
     "export_sparse", "filter_l1_masks", "flops_summary", "get_masks", "get_sparse_state",
     "gradual_pruning", "grasp_masks", "group_lasso_proximal", "huffman_code", "huffman_decode",
     "huffman_encode", "keep_masks", "kept_counts", "kmeans_1d", "l1_proximal", "load_masks",
-    "lottery_ticket", "magnitude_masks", "magnitude_pruning", "nm_masks", "obd_scores",
-    "obs_prune", "owl_sparsities", "propagate_channels", "random_pruning", "rewind", "rigl",
-    "score_masks", "score_pruning", "select_leaves", "sensitivity_decay", "share_weights",
-    "slimming_masks", "snfs", "snip_masks", "sparse_evolutionary_training", "sparse_inference",
-    "sparse_transform", "sparsegpt", "sparsity", "static_sparse", "storage_sizes",
-    "storage_summary", "summary", "synflow_masks", "threshold_and_freeze", "topk_gradients",
-    "total_flops", "wanda_mask", "weight_sharing"
+    "lottery_ticket", "magnitude_masks", "magnitude_pruning", "nm_masks", "obd_scores", "obs_prune",
+    "owl_sparsities", "propagate_channels", "pruned_parameter_efficiency", "random_pruning",
+    "rewind", "rigl", "score_masks", "score_pruning", "select_leaves", "sensitivity_decay",
+    "share_weights", "slimming_masks", "snfs", "snip_masks", "sparse_evolutionary_training",
+    "sparse_inference", "sparse_transform", "sparsegpt", "sparsity", "static_sparse",
+    "storage_sizes", "storage_summary", "summary", "synflow_masks", "threshold_and_freeze",
+    "topk_gradients", "total_flops", "wanda_mask", "weight_sharing"
 ]
 
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 (:mod:`~jaxsparse.regularizers.penalties`), stochastic gates (L0, sparse variational dropout:
 :mod:`~jaxsparse.regularizers.bayesian`), and ephemeral sparsity, which is recomputed at
 every step instead of kept (top-k gradients, k-winners activations:
-:mod:`~jaxsparse.regularizers.ephemeral`)."""
+:mod:`~jaxsparse.regularizers.ephemeral`), and knowledge distillation into a sparse student
+(:func:`~jaxsparse.regularizers.distillation.distillation_loss`)."""
 
-from jaxsparse.regularizers import bayesian, ephemeral, penalties
+from jaxsparse.regularizers import bayesian, distillation, ephemeral, penalties
+from jaxsparse.regularizers.distillation import distillation_loss

@@ -132,6 +132,26 @@ def test_aggregation_gives_mean_and_std_over_seeds_and_keeps_the_baselines(tmp_p
   np.testing.assert_allclose(np.asarray(point.get_xdata(), float), [dense["sparse_flops"]])
 
 
+
+def test_pruned_parameter_efficiency_column_against_a_hand_computation(tmp_path):
+  reports = [_report(m, s, seed, acc, 100, 1.0, 100, 0.1) for m, s, seed, acc in [
+      ("dense", 0.0, 0, 0.90), ("dense", 0.0, 1, 0.92), ("rigl", 0.5, 0, 0.86),
+      ("rigl", 0.5, 1, 0.88), ("random", 0.8, 0, 0.70), ("random", 0.8, 1, 0.74)]]
+  rows = {(r["method"], r["sparsity"]): r for r in sweep.aggregate(reports)}
+  assert rows[("dense", 0.0)]["pruned_parameter_efficiency"] is None
+  assert rows[("rigl", 0.5)]["pruned_parameter_efficiency"] == pytest.approx((0.87 - 0.91) / 0.5)
+  assert rows[("random", 0.8)]["pruned_parameter_efficiency"] == pytest.approx((0.72 - 0.91) / 0.8)
+  md = sweep.write_table(reports, str(tmp_path))
+  assert md.splitlines()[2].endswith("| s/epoch | PPE |")
+  assert "| -8.00 |" in md and "| -23.75 |" in md and md.splitlines()[4].endswith("| – |")
+  with open(tmp_path / "table.csv", newline="") as f:
+    back = {(b["method"], float(b["sparsity"])): b for b in csv.DictReader(f)}
+  assert back[("dense", 0.0)]["pruned_parameter_efficiency"] == ""
+  assert float(back[("rigl", 0.5)]["pruned_parameter_efficiency"]) == pytest.approx(-0.08)
+  # Without a dense run there is no baseline: no efficiency.
+  assert all(r["pruned_parameter_efficiency"] is None for r in sweep.aggregate(reports[2:]))
+
+
 @pytest.mark.e2e
 def test_tiny_sweep_writes_table_plots_and_tensorboard_and_skips_finished_runs(tmp_path, monkeypatch,
                                                                                capsys):
