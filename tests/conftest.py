@@ -5,9 +5,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite compiles far more than it runs: XLA:CPU with LLVM at -O0 compiles a sparse train
 # step ~40% faster (test_train.py: 184 -> 113 s). The programs are the same; floats may differ
 # from -O3 in the last bits (fused multiply-adds), which no test depends on. Users' runs and
-# the benchmarks keep XLA's default. Subprocesses and notebook kernels inherit it; the test
-# that compares float results bit for bit across device counts opts out
-# (tests.helpers.eight_cpu_devices_env).
+# the benchmarks keep XLA's default. Subprocesses and notebook kernels inherit it.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()

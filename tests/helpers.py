@@ -57,15 +57,7 @@ def batches(n_steps, batch=64, seed=0):
     yield jnp.asarray(x[idx]), jnp.asarray(y[idx])
 
 
-def eight_cpu_devices_env(*, xla_default_optimization: bool = False, **extra: str) -> dict:
-  """The environment of a subprocess with 8 CPU devices, keeping the suite's XLA_FLAGS.
-
-  ``xla_default_optimization``: compile at XLA's default LLVM level instead of the suite's
-  -O0 (see conftest.py), for tests that compare float results bit for bit across device
-  counts: the users' compiler is the one whose summation orders must agree.
-  """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if xla_default_optimization:
-    flags = " ".join(f for f in flags.split() if not f.startswith("--xla_backend_optimization_level"))
-  flags = (flags + " --xla_force_host_platform_device_count=8").strip()
+def eight_cpu_devices_env(**extra: str) -> dict:
+  """The environment of a subprocess with 8 CPU devices, keeping the suite's XLA_FLAGS."""
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)

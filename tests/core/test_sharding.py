@@ -168,10 +168,16 @@ def case_equivalence(methods: list[str]) -> None:
       init_8 = jax.jit(make_tx(method).init, out_shardings=sharding.state_shardings(
           sharding.param_shardings(p_ref, make_mesh((4, 2)), "tensor_parallel"),
           jax.eval_shape(make_tx(method).init, p_ref)))(mlp_params(jax.random.key(0)))
+    # Masks, counters and keys bit for bit; float statistics of the params (SET's regrowth
+    # scale) are reductions whose summation order depends on the sharding: a few ulp.
     for a, b in zip(jax.tree.leaves(init_8), jax.tree.leaves(init_ref)):
       if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
         a, b = jax.random.key_data(a), jax.random.key_data(b)
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{method} init")
+      if jnp.issubdtype(a.dtype, jnp.floating):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0,
+                                   err_msg=f"{method} init")
+      else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{method} init")
     assert js.sparsity(p_ref, m_ref) > 0.5, (method, js.sparsity(p_ref, m_ref))
     for shape, layout in configs(method):
       t1 = time.time()
@@ -251,8 +257,7 @@ CASES = {"equivalence": case_equivalence, "topk": case_topk, "bad": case_bad}
 
 def _start_worker(*args: str) -> subprocess.Popen:
   from tests.helpers import eight_cpu_devices_env
-  env = eight_cpu_devices_env(xla_default_optimization=True,
-                              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = eight_cpu_devices_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
