@@ -158,6 +158,11 @@ def _channels(x: np.ndarray, c: int) -> np.ndarray:
   return x.reshape(-1, x.shape[-1] // c, c).reshape(-1, c)
 
 
+def _sq_distances(w_in: np.ndarray) -> np.ndarray:
+  sq = np.sum(w_in * w_in, axis=1)
+  return np.maximum(sq[:, None] + sq[None, :] - 2.0 * w_in @ w_in.T, 0.0)
+
+
 def merge_saliency(w_in: Any, w_out: Any) -> np.ndarray:
   """Srinivas & Babu (2015), sec. 3.2: ``s[i, j] = <a_j^2> ||W_i - W_j||^2``, the cost of
   removing neuron j into neuron i.
@@ -170,9 +175,7 @@ def merge_saliency(w_in: Any, w_out: Any) -> np.ndarray:
   if w_in.ndim != 2 or w_out.ndim != 2 or w_in.shape[0] != w_out.shape[0]:
     raise ValueError(f"w_in and w_out must be (C, d) and (C, m) with the same C, got "
                      f"{w_in.shape} and {w_out.shape}")
-  sq = np.sum(w_in * w_in, axis=1)
-  d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * w_in @ w_in.T, 0.0)
-  s = d2 * np.mean(w_out * w_out, axis=1)[None, :]
+  s = _sq_distances(w_in) * np.mean(w_out * w_out, axis=1)[None, :]
   np.fill_diagonal(s, np.inf)
   return s
 
@@ -180,16 +183,19 @@ def merge_saliency(w_in: Any, w_out: Any) -> np.ndarray:
 def _greedy_merge(w_in: np.ndarray, w_out: np.ndarray, n_remove: int
                   ) -> tuple[np.ndarray, np.ndarray]:
   """The paper's sec. 3.3 loop: merge the minimum-saliency pair (ties: first in row-major
-  order), ``a_i += a_j``, drop j's row and column; ``a_i`` changed, so column i is recomputed."""
+  order), ``a_i += a_j``, drop j's row and column. Only ``<a_i^2>`` changes (column i of
+  the saliency matrix); the incoming weights, hence the distances, stay."""
   w_out = w_out.copy()
+  d2 = _sq_distances(w_in)
+  a2 = np.mean(w_out * w_out, axis=1)
   alive = np.ones(w_in.shape[0], bool)
+  off_diagonal = ~np.eye(w_in.shape[0], dtype=bool)
   for _ in range(n_remove):
-    s = merge_saliency(w_in, w_out)
-    s[~alive, :] = np.inf
-    s[:, ~alive] = np.inf
+    s = np.where(alive[:, None] & alive[None, :] & off_diagonal, d2 * a2[None, :], np.inf)
     i, j = np.unravel_index(np.argmin(s), s.shape)
     w_out[i] += w_out[j]
     w_out[j] = 0.0
+    a2[i] = np.mean(w_out[i] * w_out[i])
     alive[j] = False
   return alive, w_out
 

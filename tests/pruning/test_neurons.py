@@ -250,3 +250,14 @@ def test_bad_inputs_name_the_argument(tiny_mlp):
     neurons.stats_from_activations({"fc1/kernel": np.ones(3, np.float32)})
   with pytest.raises(ValueError, match="would remove every neuron of 'fc1/kernel'"):
     js.merge_and_scale(p, 0.95, LINKS)
+
+
+def test_a_neuron_without_outgoing_weights_costs_nothing_to_merge():
+  p = mlp_params()
+  k2 = np.array(p["fc2"]["kernel"])
+  k2[2] = 0.0                                              # fc1 neuron 2 feeds nothing
+  p["fc2"] = {"kernel": jnp.asarray(k2), "bias": p["fc2"]["bias"]}
+  x = jnp.asarray(rand((8, 5), 3))
+  new, masks = js.merge_and_scale(p, 1 / 6, LINKS[:1])
+  assert not np.asarray(masks["fc1"]["kernel"]).any(0)[2]
+  np.testing.assert_allclose(forward(new, x), forward(p, x), rtol=1e-5, atol=1e-5)
