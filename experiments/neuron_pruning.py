@@ -12,7 +12,9 @@ fine-tune with the mask fixed (``jaxsparse.keep_masks``) for ``--finetune-epochs
 Criteria: ``merge`` (merge-and-scale, Srinivas & Babu 2015; data-free, changes the next
 layer's weights), ``apoz`` (Hu et al. 2016), ``mean_abs`` (mean |activation|),
 ``sensitivity`` (Tartaglione et al. 2018's output sensitivity, pooled per neuron),
-``correlation`` (greedy Pearson correlation), and the baselines ``filter_l1`` (Li et al.
+``correlation`` (greedy Pearson correlation), ``correlation_ls`` (the same mask, then the
+removed neurons folded into the kept ones by least squares over the calibration data), and
+the baselines ``filter_l1`` (Li et al.
 2017) and ``random``. The data-driven criteria use ``--calibration`` training images.
 
 Writes ``table.md``, ``results.csv`` (one row per seed, criterion and sparsity) and
@@ -37,7 +39,8 @@ from jaxsparse.core import masks as masks_lib
 from jaxsparse.nn import models
 from jaxsparse.pruning import neurons, structured
 
-CRITERIA = ("merge", "apoz", "mean_abs", "sensitivity", "correlation", "filter_l1", "random")
+CRITERIA = ("merge", "apoz", "mean_abs", "sensitivity", "correlation", "correlation_ls",
+            "filter_l1", "random")
 MODELS = ("lenet300", "lenet5")
 # Producer -> consumer of every hidden layer (the output layer has no consumer).
 LINKS = {
@@ -124,8 +127,12 @@ def prune(criterion: str, dense: Any, sparsity: float, links, *, stats, sens, se
     scores = {"apoz": lambda: js.apoz_scores(stats),
               "mean_abs": lambda: neurons.activation_magnitude_scores(stats),
               "correlation": lambda: js.correlation_scores(stats),
+              "correlation_ls": lambda: js.correlation_scores(stats),
               "sensitivity": lambda: sens}[criterion]()
-  return dense, js.neuron_masks(dense, scores, sparsity, links)
+  masks = js.neuron_masks(dense, scores, sparsity, links)
+  if criterion == "correlation_ls":
+    return neurons.least_squares_compensation(dense, masks, stats, links), masks
+  return dense, masks
 
 
 def _kept_params(params: Any, masks: Any) -> int:

@@ -35,7 +35,9 @@ Criteria give one score per neuron, **higher = keep** (the convention of
   least sensitive.
 * Correlation: Pearson correlation of the neurons' activations over calibration data;
   greedily remove the neuron most correlated with another kept one
-  (:func:`correlation_scores` defines the rule).
+  (:func:`correlation_scores` defines the rule). :func:`least_squares_compensation` then
+  folds the removed neurons into the kept ones (any criterion's mask), by a least-squares
+  fit of their activations on the kept ones' over the calibration data.
 
 An activation "sample" is one example at one spatial position: a conv channel's
 activations ``(N, H, W, C)`` give ``N * H * W`` samples of each channel, and a Dense
@@ -369,7 +371,7 @@ def activation_magnitude_scores(stats: Mapping[str, ActivationStats]) -> dict[st
 
 
 def _constant(stats: ActivationStats, eps: float) -> tuple[np.ndarray, np.ndarray]:
-  """``(cov, constant)``: the covariance and which neurons have variance ``<= eps`` x the largest."""
+  """``(cov, constant)``: the covariance; which neurons have variance ``<= eps`` x the largest."""
   mean = stats.total / stats.count
   cov = stats.outer / stats.count - np.outer(mean, mean)
   var = np.maximum(np.diag(cov), 0.0)
@@ -428,6 +430,61 @@ def correlation_scores(stats: Mapping[str, ActivationStats],
           for name, s in stats.items()}
 
 
+def least_squares_compensation(params: Any, masks: Any, stats: Mapping[str, ActivationStats],
+                               links: Sequence[ChannelLink] | ChannelLink, *,
+                               ridge: float = 1e-6) -> Any:
+  """Folds removed neurons into the kept ones by least squares: new params for ``masks``.
+
+  For each link with removed neurons R and kept neurons K (from the producer's mask), the
+  activations ``h_R ~= B^T h_K + c`` are fitted over the calibration samples from
+  ``stats`` (``B = (S_KK + ridge * mean(diag S_KK) I)^-1 S_KR``, ``S`` the covariance,
+  ``c = mu_R - B^T mu_K``); the consumer's weights become ``a_K + B a_R`` and its bias (the
+  leaf next to its kernel, if any) takes ``sum c_r a_r``, so its input changes only by the
+  fit's residual. As merge-and-scale does for equal neurons, with the data's linear
+  dependencies. For a conv consumer the bias term is exact away from SAME-padding borders.
+  Returns params with the removed weights zeroed (apply with the same ``masks``).
+  """
+  links = _check_links(params, links, output_layer=None)
+  masks_lib.check_masks(params, masks)
+  if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not ridge >= 0:
+    raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+  names, leaves, treedef = masks_lib.flatten_named(params)
+  index = {n: i for i, n in enumerate(names)}
+  leaves, mask_leaves = list(leaves), jax.tree.leaves(masks)
+  for link in links:
+    if link.producer not in stats:
+      raise ValueError(f"stats: no statistics for '{link.producer}'; have {sorted(stats)}")
+    ip = index[link.producer]
+    gone = np.asarray(structured.removed_channels(jnp.broadcast_to(
+        jnp.asarray(mask_leaves[ip], bool), jnp.shape(leaves[ip]))))
+    c = gone.shape[0]
+    st = stats[link.producer]
+    if st.total.shape != (c,):
+      raise ValueError(f"stats['{link.producer}'] has {st.total.shape[0]} channels, the kernel {c}")
+    if not gone.any():
+      continue
+    mu = st.total / st.count
+    cov = st.outer / st.count - np.outer(mu, mu)
+    kk = cov[np.ix_(~gone, ~gone)]
+    reg = ridge * max(float(np.mean(np.diag(kk))), 1e-12)
+    b = np.linalg.solve(kk + reg * np.eye(kk.shape[0]), cov[np.ix_(~gone, gone)])  # (K, R)
+    icpt = mu[gone] - b.T @ mu[~gone]                                                # (R,)
+    consumer = leaves[index[link.consumer]]
+    shape = jnp.shape(consumer)
+    a = np.asarray(consumer, np.float64).reshape(int(np.prod(shape[:-2])), shape[-2] // c, c,
+                                                   shape[-1])
+    a_r = a[:, :, gone, :]
+    a[:, :, ~gone, :] += np.einsum("kr,lpro->lpko", b, a_r)
+    a[:, :, gone, :] = 0.0
+    leaves[index[link.consumer]] = jnp.asarray(a.reshape(shape), jnp.result_type(consumer))
+    bias = link.consumer.rsplit("/", 1)[0] + "/bias"
+    if bias in index:
+      shift = np.einsum("r,lpro->o", icpt, a_r)
+      leaves[index[bias]] = jnp.asarray(np.asarray(leaves[index[bias]], np.float64) + shift,
+                                        jnp.result_type(leaves[index[bias]]))
+  return masks_lib.apply_masks(jax.tree.unflatten(treedef, leaves), masks)
+
+
 # ------------------------------------------------------------------ output sensitivity
 
 
@@ -465,5 +522,5 @@ __all__ = [
     "neuron_masks", "merge_saliency", "merge_and_scale", "ActivationStats",
     "stats_from_activations", "activation_stats", "apoz", "apoz_scores",
     "activation_magnitude_scores", "activation_correlation", "correlation_order",
-    "correlation_scores", "sensitivity_scores",
+    "correlation_scores", "least_squares_compensation", "sensitivity_scores",
 ]

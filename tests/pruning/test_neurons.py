@@ -261,3 +261,22 @@ def test_a_neuron_without_outgoing_weights_costs_nothing_to_merge():
   new, masks = js.merge_and_scale(p, 1 / 6, LINKS[:1])
   assert not np.asarray(masks["fc1"]["kernel"]).any(0)[2]
   np.testing.assert_allclose(forward(new, x), forward(p, x), rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_compensation_is_exact_for_a_linearly_dependent_neuron():
+  h = np.maximum(rand((100, 4), 60), 0)
+  h[:, 3] = 2.0 * h[:, 0] - h[:, 1] + 0.5                 # in the span of neurons 0, 1 and 1
+  p = {"p": {"kernel": jnp.asarray(rand((5, 4), 61))},
+       "c": {"kernel": jnp.asarray(rand((4, 3), 62)), "bias": jnp.asarray(rand((3,), 63))}}
+  link = structured.ChannelLink("p/kernel", "c/kernel")
+  stats = neurons.stats_from_activations({"p/kernel": h})
+  masks = js.neuron_masks(p, {"p/kernel": np.array([3.0, 2.0, 1.0, 0.0])}, 0.25, link,
+                          output_layer=None)
+  new = neurons.least_squares_compensation(p, masks, stats, link, ridge=0.0)
+  z = h @ np.asarray(p["c"]["kernel"]) + np.asarray(p["c"]["bias"])
+  z_new = h @ np.asarray(new["c"]["kernel"]) + np.asarray(new["c"]["bias"])
+  assert not np.any(new["c"]["kernel"][3])
+  np.testing.assert_allclose(z_new, z, rtol=1e-4, atol=1e-4)
+  # Without the fit, dropping neuron 3 changes the output.
+  assert np.abs(h[:, :3] @ np.asarray(p["c"]["kernel"])[:3] + np.asarray(p["c"]["bias"])
+                - z).max() > 0.1
