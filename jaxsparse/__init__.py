@@ -40,6 +40,9 @@ from jaxsparse.pruning.criteria import (grasp_masks, obd_scores, score_masks, sc
 from jaxsparse.pruning.lottery import lottery_ticket
 from jaxsparse.pruning.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
                                          random_pruning, rewind)
+from jaxsparse.pruning.neurons import (activation_stats, apoz_scores, correlation_scores,
+                                       least_squares_compensation, merge_and_scale,
+                                       neuron_masks, sensitivity_scores)
 from jaxsparse.pruning.obs import obs_prune
 from jaxsparse.pruning.oneshot import owl_sparsities, sparsegpt, wanda_mask
 from jaxsparse.pruning.structured import (filter_l1_masks, nm_masks, propagate_channels,
@@ -69,7 +72,10 @@ __all__ = [
     "share_weights", "slimming_masks", "snfs", "snip_masks", "sparse_evolutionary_training",
     "sparse_inference", "sparse_transform", "sparsegpt", "sparsity", "static_sparse",
     "storage_sizes", "storage_summary", "summary", "synflow_masks", "threshold_and_freeze",
-    "topk_gradients", "total_flops", "wanda_mask", "weight_sharing"
+    "topk_gradients", "total_flops", "wanda_mask", "weight_sharing",
+    # neuron pruning (jaxsparse.pruning.neurons)
+    "activation_stats", "apoz_scores", "correlation_scores", "least_squares_compensation",
+    "merge_and_scale", "neuron_masks", "sensitivity_scores",
 ]
 
 __version__ = "0.1.0"

@@ -250,6 +250,18 @@ def definition_order(tree: Any) -> list[str]:
   return out
 
 
+def output_kernel(params: Any) -> str | None:
+  """The network's output layer: the last leaf of rank >= 2 (a kernel) in definition order.
+
+  Its filters are the network's outputs (one per class), so structured pruning keeps them.
+  None when ``params`` has no kernel.
+  """
+  kernels = {n for n, leaf in zip(masks_lib.leaf_names(params), jax.tree.leaves(params))
+             if jnp.ndim(leaf) >= 2}
+  ordered = [n for n in definition_order(params) if n in kernels]
+  return ordered[-1] if ordered else None
+
+
 def filter_l1_masks(params: Any, sparsity: float, *, scope: str = "local",
                     filter: dist.LeafFilter | None = None, keep_dense: Sequence[str] = (),
                     output_layer: str | None = "last") -> Any:
@@ -265,10 +277,7 @@ def filter_l1_masks(params: Any, sparsity: float, *, scope: str = "local",
     raise TypeError(f"output_layer must be 'last', a leaf name or None, got {output_layer!r}")
   keep = tuple([keep_dense] if isinstance(keep_dense, str) else keep_dense)
   if output_layer == "last":
-    kernels = {n for n, leaf in zip(masks_lib.leaf_names(params), jax.tree.leaves(params))
-               if jnp.ndim(leaf) >= 2}
-    ordered = [n for n in definition_order(params) if n in kernels]
-    keep = keep + tuple(ordered[-1:])
+    keep = keep + tuple(n for n in [output_kernel(params)] if n is not None)
   elif output_layer is not None:
     if not any(dist._matches(output_layer, n) for n in masks_lib.leaf_names(params)):
       raise ValueError(f"output_layer: '{output_layer}' matches no leaf; leaves are "
@@ -432,7 +441,7 @@ def group_sparsity(mask: jax.Array, structure: Structure) -> float:
 
 __all__ = [
     "Structure", "filters", "input_neurons", "blocks", "structure_mask", "nm_mask", "nm_masks",
-    "structured_masks", "filter_l1_masks", "ChannelLink", "removed_channels",
+    "structured_masks", "output_kernel", "filter_l1_masks", "ChannelLink", "removed_channels",
     "propagate_channels", "is_bn_scale", "bn_scale_l1", "slimming_masks",
     "channel_masks_to_filters", "mlp_links", "group_sparsity",
 ]
