@@ -26,9 +26,11 @@ def test_the_notebooks_are_there_and_committed_without_outputs():
 
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
-  """The kernels' environment: CPU, and one persistent compilation cache shared by the notebooks
-  (they compile the same mask initializers; the cache starts empty, so this is honest CI)."""
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  """The kernels' environment: CPU, and the suite's persistent compilation cache (conftest.py;
+  it starts empty, so this is honest CI). The DST notebook trains what
+  tests/experiments/test_train.py trains, with the same settings, so its programs are read
+  from the cache when that test ran first."""
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
   env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

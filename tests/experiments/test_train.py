@@ -38,11 +38,14 @@ def test_cli_writes_results_json(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", training.METHODS)
 def test_every_method_trains_and_ends_at_its_sparsity(method):
-  result = training.train(dataset="digits", model="lenet300", method=method, sparsity=0.8,
-                          epochs=4, batch_size=64, progress=False, log=None)
-  expected = 0.0 if method == "dense" else 0.8
+  # The settings of notebooks/dynamic_sparse_training.ipynb: the notebook's kernel then reads
+  # these compiled programs from the suite's compilation cache.
+  result = training.train(dataset="digits", model="lenet300", method=method, sparsity=0.9,
+                          epochs=6, batch_size=32, learning_rate=0.05, seed=0, progress=False,
+                          log=None)
+  expected = 0.0 if method == "dense" else 0.9
   assert result["final_sparsity"] == pytest.approx(expected, abs=1e-4)
-  assert result["final_test_accuracy"] > 0.3  # well above chance (0.1) after 4 short epochs
+  assert result["final_test_accuracy"] > 0.3  # well above chance (0.1)
 
 
 def test_steps_per_call_runs_the_same_steps_as_the_scanned_epoch():
