@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -284,8 +285,7 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
             "load max/mean (test)", "s/epoch"]
   seeds = " ".join(str(s) for s in a.seeds)
   lines = [f"# Mixture of experts on {a.dataset}{' (--small)' if a.small else ''}", "",
-           f"Command: `python -m experiments.moe --out-dir {a.out_dir} --seeds {seeds}"
-           f"{' --small' if a.small else ''}`; {a.epochs} epochs, Adam lr {a.lr}, batch "
+           f"Command: `{a.command}`; {a.epochs} epochs, Adam lr {a.lr}, batch "
            f"{a.batch_size}, capacity factor {a.capacity_factor}, seeds {seeds}; "
            f"{result['device']}, jax {result['jax_version']}, {result['seconds']:.0f} s.", "",
            "FLOPs/token: XLA's cost analysis of the compiled evaluation forward on one batch, "
@@ -309,8 +309,10 @@ def write_outputs(a: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  argv = sys.argv[1:] if argv is None else list(argv)
   a = build_parser().parse_args(argv)
   _check_args(a)
+  a.command = " ".join(["python -m experiments.moe", *argv])
   common.make_out_dir(a.out_dir)
   return run(a)
 

@@ -30,8 +30,13 @@ contribute 0; the gates are not renormalised) and counted. The expert FLOPs are 
 signature stays ``x -> y`` however deeply the layer is nested). The linen :class:`MoE` sows it
 into the collection ``"losses"`` (``apply(..., mutable=["losses", "intermediates"])``) and
 its :class:`MoEStats` into ``"intermediates"``; the nnx :class:`MoENNX` sows both as
-``nnx.Intermediate`` (``nnx.pop(model, nnx.Intermediate)``). :func:`total_aux_loss` sums
-every ``aux_loss`` in such a tree. The pure function :func:`moe_apply` returns ``(y, stats)``.
+``nnx.Intermediate`` (``y, inter = nnx.capture(model, nnx.Intermediate)(x)``).
+:func:`total_aux_loss` sums every ``aux_loss`` in such a tree; add it to the task loss. The
+pure function :func:`moe_apply` returns ``(y, stats)``::
+
+  logits, cols = net.apply({"params": params}, x, train=True, rngs={"gating": key},
+                           mutable=["losses", "intermediates"])
+  loss = cross_entropy(logits, y) + total_aux_loss(cols["losses"])
 """
 
 from __future__ import annotations
