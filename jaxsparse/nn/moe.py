@@ -336,6 +336,8 @@ class MoE(nn.Module):
     _check_int(self.features, "features")
     if jnp.ndim(x) < 2:
       _check_input(x, 0)
+    if self.has_variable("params", "w_gate"):  # before flax's own shape error on self.param
+      _check_input(x, self.get_variable("params", "w_gate").shape[0])
     d, e = x.shape[-1], self.num_experts
     params = {"w_gate": self.param("w_gate", nn.initializers.zeros, (d, e))}
     if self.noisy_gating:
@@ -394,6 +396,7 @@ class MoENNX(nnx.Module):
     self.rngs = rngs["gating"].fork()
 
   def __call__(self, x: jax.Array, deterministic: bool = False) -> jax.Array:
+    _check_input(x, self.in_features)
     params = {n: getattr(self, n)[...] for n in ("w_gate", "w_noise", "wi", "bi", "wo", "bo")
               if getattr(self, n) is not None}
     key = None if deterministic or self.w_noise is None else self.rngs()

@@ -218,6 +218,12 @@ def test_bad_arguments_are_named():
     moe.MoENNX(6, 3, 2, k=3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="capacity_factor must be > 0, got -1"):
     moe.MoE(features=3, num_experts=2, k=1, capacity_factor=-1.0).init(jax.random.key(0), x)
+  lin = moe.MoE(features=3, num_experts=2, k=1)
+  with pytest.raises(ValueError, match="x has 4 features on its last axis; the layer's "
+                                       "in_features is 6"):
+    shapes = jax.eval_shape(lambda: lin.init(jax.random.key(0), x))["params"]
+    lin.apply({"params": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)},
+              np.ones((3, 4)))
   net = nnx.eval_shape(lambda: moe.MoENNX(6, 3, 2, k=1, rngs=nnx.Rngs(0)))  # checks first
   with pytest.raises(ValueError, match="in_features is 6"):
     net(np.ones((3, 4)))
