@@ -26,6 +26,7 @@ balance on the test set (CV of the pairs each expert computed, and max / mean). 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -109,18 +110,20 @@ def _param_count(params: Any) -> int:
 
 
 def compile_forward(net: nn.Module, params: Any, batch: int, shape: tuple):
-  """The evaluation forward ``(params, x) -> (logits, expert_counts, dropped)``, compiled for
-  one batch; its ``cost_analysis()`` gives the FLOPs."""
+  """The evaluation forward ``(params, x, y) -> (correct, expert_counts, dropped)``, compiled
+  for one batch; its ``cost_analysis()`` gives the FLOPs (the model's, plus an argmax)."""
 
-  def fwd(params, x):
+  def fwd(params, x, y):
     logits, cols = net.apply({"params": params}, x, train=False,
                              mutable=["intermediates", "losses"])
+    correct = jnp.sum(jnp.argmax(logits, -1) == y)
     if "moe" in cols.get("intermediates", {}):
       stats = _moe_stats(cols)
-      return logits, stats.expert_counts, stats.dropped
-    return logits, jnp.zeros([0], jnp.int32), jnp.zeros([], jnp.int32)
+      return correct, stats.expert_counts, stats.dropped
+    return correct, jnp.zeros([0], jnp.int32), jnp.zeros([], jnp.int32)
 
-  return jax.jit(fwd).lower(params, jnp.zeros((batch, *shape))).compile()
+  return jax.jit(fwd).lower(params, jnp.zeros((batch, *shape)),
+                            jnp.zeros((batch,), jnp.int32)).compile()
 
 
 def flops_per_token(compiled, batch: int) -> float:
@@ -171,8 +174,9 @@ def evaluate(compiled, params: Any, x: np.ndarray, y: np.ndarray, batch_size: in
   capacity of a training batch."""
   correct, counts, dropped = 0, 0, 0
   for i in range(0, len(x) - batch_size + 1, batch_size):
-    logits, c, d = compiled(params, jnp.asarray(x[i:i + batch_size]))
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y[i:i + batch_size])))
+    n, c, d = compiled(params, jnp.asarray(x[i:i + batch_size]),
+                       jnp.asarray(y[i:i + batch_size], jnp.int32))
+    correct += int(n)
     counts, dropped = counts + np.asarray(c), dropped + int(d)
   return correct / (len(x) // batch_size * batch_size), counts, dropped
 
@@ -189,15 +193,20 @@ def build_models(a: argparse.Namespace, input_shape: tuple, num_classes: int
   h_params = round((_param_count(params) - fixed) / (n_in + 1 + a.width))
   compiled = compile_forward(moe, params, a.batch_size, input_shape)
   moe_flops = flops_per_token(compiled, a.batch_size)
-  # 2 * (n_in * H + H * width + width * classes) FLOPs of matmuls; measured again in the table.
+  # 2 * (n_in * H + H * width + width * classes) FLOPs of matmuls; the table reports the
+  # measured ratio (biases, relus and the argmax add a little).
   h_flops = max(1, round((moe_flops - 2 * a.width * num_classes) / (2 * (n_in + a.width))))
   return {"moe": moe, "dense_same_params": DenseMLP(a.width, h_params, num_classes),
           "dense_same_flops": DenseMLP(a.width, h_flops, num_classes)}, compiled
 
 
+@functools.cache
+def _jit_init(net: nn.Module, batch: int, shape: tuple):
+  return jax.jit(lambda key: net.init({"params": key}, jnp.zeros((batch, *shape)))["params"])
+
+
 def _init(net: nn.Module, seed: int, batch: int, shape: tuple) -> Any:
-  return jax.jit(lambda key: net.init({"params": key}, jnp.zeros((batch, *shape))))(
-      jax.random.key(seed))["params"]
+  return _jit_init(net, batch, shape)(jax.random.key(seed))
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -209,6 +218,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = x_tr[:5000], y_tr[:5000], x_te[:1000], y_te[:1000]
   x, y = jax.device_put(x_tr), jax.device_put(y_tr)
   shape = tuple(ds.input_shape)
+  a.n_in = int(np.prod(shape))
   nets, moe_compiled = build_models(a, shape, ds.num_classes)
   log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
   runs = []
@@ -271,7 +281,7 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
   for name in MODELS:
     rows = [r for r in runs if r["model"] == name]
     r0 = rows[0]
-    label = {"moe": f"MoE (E={a.experts}, k={a.k}, experts 784-{a.expert_hidden}-{a.width})",
+    label = {"moe": f"MoE (E={a.experts}, k={a.k}, experts {a.n_in}-{a.expert_hidden}-{a.width})",
              "dense_same_params": f"dense, same params (hidden {r0['hidden']})",
              "dense_same_flops": f"dense, same FLOPs/token (hidden {r0['hidden']})"}[name]
     body.append([label, common.format_mean_std([r["test_accuracy"] for r in rows]),

@@ -152,9 +152,18 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   train_tx = sgd(a.lr, a.epochs)
   epochs = {v: make_train_epoch(net, train_tx, a.batch_size, make_dropout(a, v))
             for v in a.variants}
-  template = js.magnitude_masks(models.init_params(net, ds.input_shape, 0)["params"], a.sparsity)
-  finetune = lambda masks: js.keep_masks(sgd(a.finetune_lr, max(a.finetune_epochs, 1)), masks)
-  ft_epoch = make_train_epoch(net, finetune(template), a.batch_size, make_dropout(a, "plain"))
+  ft_sgd = sgd(a.finetune_lr, max(a.finetune_epochs, 1))
+  template = jax.tree.map(lambda p: jnp.ones(p.shape, bool) if p.ndim >= 2 else jnp.asarray(True),
+                          models.init_params(net, ds.input_shape, 0)["params"])
+  ft_epoch = make_train_epoch(net, js.keep_masks(ft_sgd, template), a.batch_size,
+                              make_dropout(a, "plain"))
+  ft_init = jax.jit(lambda params, masks: js.keep_masks(ft_sgd, masks).init(params))
+  @jax.jit
+  def prune(dense):  # both prunings, compiled once
+    return {name: (masks, js.apply_masks(dense, masks)) for name, masks in (
+        ("magnitude", js.magnitude_masks(dense, a.sparsity)),
+        ("per_column", _per_column_masks(dense, a.sparsity)))}
+
   runs = []
   for seed in a.seeds:
     init = models.init_params(net, ds.input_shape, seed)["params"]
@@ -164,16 +173,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                    jax.random.key(1000 + seed))
       seconds = (time.perf_counter() - ts) / a.epochs
       row = dict(variant=variant, seed=seed, dense=acc(dense), seconds_per_epoch=seconds)
-      for prune, masks in (("magnitude", js.magnitude_masks(dense, a.sparsity)),
-                           ("per_column", _per_column_masks(dense, a.sparsity))):
-        pruned = js.apply_masks(dense, masks)
-        row[f"{prune}_sparsity"] = float(js.sparsity(pruned, masks))
-        row[f"{prune}_pruned"] = acc(pruned)
+      for prune_name, (masks, pruned) in prune(dense).items():
+        row[f"{prune_name}_sparsity"] = float(js.sparsity(pruned, masks))
+        row[f"{prune_name}_pruned"] = acc(pruned)
         if a.finetune_epochs:
-          tuned = _fit(ft_epoch, pruned, finetune(masks).init(pruned), x, y, a.finetune_epochs,
+          tuned = _fit(ft_epoch, pruned, ft_init(pruned, masks), x, y, a.finetune_epochs,
                        jax.random.key(2000 + seed))
-          row[f"{prune}_finetuned"] = acc(tuned)
-          row[f"{prune}_finetuned_sparsity"] = float(js.sparsity(tuned, masks))
+          row[f"{prune_name}_finetuned"] = acc(tuned)
+          row[f"{prune_name}_finetuned_sparsity"] = float(js.sparsity(tuned, masks))
       runs.append(row)
       log(f"seed {seed} {variant}: dense {row['dense']:.4f}, 90% magnitude "
           f"{row['magnitude_pruned']:.4f} -> {row.get('magnitude_finetuned', float('nan')):.4f}"
