@@ -2,7 +2,6 @@
 their formulas, compiled FLOPs that scale with k and not with E, linen/nnx agreement, errors."""
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
