@@ -11,6 +11,7 @@ TINY = ["--small", "--dataset", "digits", "--experts", "4", "--k", "2", "--exper
         "--width", "16", "--batch-size", "50"]
 
 
+@pytest.mark.e2e
 def test_small_run_matches_params_and_flops(tmp_path):
   out = str(tmp_path / "moe")
   res = moe_exp.main(["--out-dir", out, *TINY])

@@ -10,6 +10,7 @@ from experiments import targeted_dropout as td
 SMALL = ["--small", "--dataset", "digits", "--variants", "targeted"]
 
 
+@pytest.mark.e2e
 def test_small_run_prunes_to_the_sparsity_and_keeps_the_mask(tmp_path):
   out = str(tmp_path / "td")
   res = td.main(["--out-dir", out, *SMALL])
