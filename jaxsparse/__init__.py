@@ -49,7 +49,9 @@ from jaxsparse.pruning.structured import (filter_l1_masks, nm_masks, propagate_c
                                           slimming_masks)
 from jaxsparse.pruning.weight_sharing import (WeightSharingState, kmeans_1d, share_weights,
                                               weight_sharing)
+from jaxsparse.nn.moe import MoE, MoENNX, moe_apply, total_aux_loss
 from jaxsparse.regularizers.distillation import distillation_loss
+from jaxsparse.regularizers.dropout import drop_connect, targeted_dropout, targeting_masks
 from jaxsparse.regularizers.ephemeral import topk_gradients
 from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_lasso_proximal,
                                               l1_proximal, sensitivity_decay,
@@ -59,6 +61,8 @@ from jaxsparse.regularizers.penalties import (add_group_lasso, add_l1, group_las
 # (`core`, `nn`, ... would take common variable names), and no name of a builtin.
 __all__ = [
     "BSR", "Health", "MaskUpdate", "MaskUpdateInputs", "SparseDense", "SparseLinear", "SparseState",
+    "MoE", "MoENNX", "drop_connect", "moe_apply", "targeted_dropout", "targeting_masks",
+    "total_aux_loss",
     "StructureRecorder", "WeightSharingState", "add_group_lasso", "add_l1", "add_langevin_noise",
     "apply_masks", "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
     "compression_sizes", "count_flops", "count_leaves", "deep_r", "deep_r_optimizer",
