@@ -34,7 +34,8 @@ its :class:`MoEStats` into ``"intermediates"``; the nnx :class:`MoENNX` sows bot
 :func:`total_aux_loss` sums every ``aux_loss`` in such a tree; add it to the task loss. The
 pure function :func:`moe_apply` returns ``(y, stats)``::
 
-  logits, cols = net.apply({"params": params}, x, train=True, rngs={"gating": key},
+  # net: a model holding MoE layers (training: noise from the "gating" rng stream)
+  logits, cols = net.apply({"params": params}, x, rngs={"gating": key},
                            mutable=["losses", "intermediates"])
   loss = cross_entropy(logits, y) + total_aux_loss(cols["losses"])
 """

@@ -144,3 +144,34 @@ def test_tuned_launch_configs_verify_too():
                           jax.ShapeDtypeStruct(a.data.shape, jnp.bfloat16), platform="cuda")
   assert lowering.verify_triton_kernels(module) == ["bsr_matmul_fwd", "bsr_matmul_dx",
                                                     "bsr_matmul_dw"]
+
+
+def test_new_in_step_layers_hold_no_integer_matmul_on_gpu_or_tpu():
+  """The mixture of experts (sorted dispatch, capacity slots) and targeted dropout run inside
+  every train step: lowered for CUDA and TPU, their forward and backward hold no integer dot
+  and no host transfer."""
+  import optax
+  import jaxsparse as js
+
+  net = js.MoE(num_experts=4, k=2, hidden_features=8, features=6)
+  x = jnp.ones((16, 5), jnp.float32)
+  variables = net.init({"params": jax.random.key(0), "gating": jax.random.key(1)}, x)
+
+  def moe_loss(params, x, key):
+    y, cols = net.apply({"params": params}, x, rngs={"gating": key},
+                        mutable=["losses", "intermediates"])
+    return (y ** 2).mean() + js.total_aux_loss(cols["losses"])
+
+  params = {"w": jnp.ones((12, 6)), "b": jnp.ones((6,))}
+
+  def dropout_loss(params, key):
+    dropped = js.targeted_dropout(params, key, 0.5, 0.5)
+    dropped = js.drop_connect(dropped, jax.random.fold_in(key, 1), 0.2)
+    return optax.l2_loss(dropped["w"]).sum()
+
+  for fn, args in ((jax.grad(moe_loss), (variables["params"], x, jax.random.key(2))),
+                   (jax.grad(dropout_loss), (params, jax.random.key(3)))):
+    for platform in ("cuda", "tpu"):
+      module = lowering.lower(fn, *args, platform=platform)
+      assert lowering.integer_dots(module) == [], platform
+      assert lowering.host_transfers(module) == [], platform
