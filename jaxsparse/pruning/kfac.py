@@ -597,8 +597,8 @@ def merge_bottlenecks(params: Any, bottlenecks: Mapping[str, Bottleneck | None],
 
 
 def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float, *,
-                output_layer: str | None = "last", max_layer_pruning: float = 0.95
-                ) -> EigenDamageResult:
+                output_layer: str | None = "last", max_layer_pruning: float = 0.95,
+                basis: Mapping[str, tuple] | None = None) -> EigenDamageResult:
   """EigenDamage: one-shot structured pruning in the Kronecker-factored eigenbasis (sec. 4).
 
   Args:
@@ -609,6 +609,8 @@ def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float
     max_layer_pruning: at most this fraction of a layer's input (or output)
       directions is removed; the most important ones stay (the authors' code's
       ``prune_ratio_limit``), so no layer collapses.
+    basis: :func:`eigenbasis` of these params and factors, if already computed (e.g.
+      when searching the sparsity that meets a FLOPs budget).
 
   A layer whose bottleneck would hold more parameters than the layer keeps its weights
   (its entry in ``bottlenecks`` is None).
@@ -621,7 +623,8 @@ def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float
   names = prunable_layers(params, factors, output_layer)
   if not names:
     raise ValueError("factors: no prunable layer (only the output layer has factors)")
-  eig = eigenbasis(params, {n: factors[n] for n in names})
+  eig = (eigenbasis(params, {n: factors[n] for n in names}) if basis is None
+         else {n: basis[n] for n in names})
   pooled = np.concatenate([np.concatenate([np.asarray(e[1]), np.asarray(e[2])])
                            for e in eig.values()])
   k = int(round(s * pooled.size))
@@ -640,8 +643,12 @@ def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float
     original = leaves[n].size + (d_out if factors[n].has_bias else 0)
     bottlenecks[n] = b if bottleneck_size(b) < original else None
     importances[n] = (imp_in, imp_out)
-  merged = merge_bottlenecks(params, bottlenecks, {n: factors[n].has_bias for n in names})
-  return EigenDamageResult(merged, bottlenecks, importances)
+  for n, b in bottlenecks.items():   # the product on the host: no compile per bottleneck shape
+    if b is not None:
+      _set_layer(leaves, n, factors[n].has_bias,
+                 np.asarray(b.q_a, np.float64) @ np.asarray(b.w, np.float64) @ np.asarray(
+                     b.q_s, np.float64).T)
+  return EigenDamageResult(_rebuild(params, leaves), bottlenecks, importances)
 
 
 def _keep(importance: np.ndarray, kept: np.ndarray, max_pruning: float) -> np.ndarray:
