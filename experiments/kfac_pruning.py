@@ -275,8 +275,8 @@ def run_seed(a: argparse.Namespace, ds, seed: int, log) -> list[dict[str, Any]]:
   calib = order[:a.calib]
   chunks = [(x_tr[calib[i:i + 256]], y_tr[calib[i:i + 256]]) for i in range(0, len(calib), 256)]
   obs_batch = (x_tr[order[:a.obs_calib]], y_tr[order[:a.obs_calib]])
-  channels = {n: int(np.shape(dict(zip(masks_lib.leaf_names(dense), jax.tree.leaves(dense)))[n])[-1])
-              for n in prunable}
+  shapes = dict(zip(masks_lib.leaf_names(dense), map(np.shape, jax.tree.leaves(dense))))
+  channels = {n: int(shapes[n][-1]) for n in prunable}
   flops = FlopsModel(layers, links)
 
   t0 = time.perf_counter()

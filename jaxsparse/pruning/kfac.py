@@ -21,17 +21,18 @@ positions of ``g g^T``, so that ``A (x) S`` has the Fisher's scale.
 
 Criteria (per filter j; higher = keep, like :mod:`jaxsparse.pruning.criteria`):
 
-* **Kron-OBD** (the paper's eq. 9 with ``H_SS = S_jj A``): ``dL_j = 1/2 S_jj F_j^T A F_j``.
-* **Kron-OBS** (eq. 10-11): ``dL_j = 1/2 F_j^T A F_j / [S^-1]_jj``. Removing the
-  set Q of filters at the least quadratic cost moves ``W`` by
-  ``dW = -W[:, Q] C^T`` with ``C = S^-1[:, Q] ([S^-1]_QQ)^-1`` (``A`` cancels);
-  for one filter this is the paper's ``-S^-1 e_j (x) F_j / [S^-1]_jj``. It is
+* **Kron-OBD** (structured OBD, ``1/2 F_j^T H_jj F_j``, with the K-FAC block ``H_jj = S_jj A``):
+  ``dL_j = 1/2 S_jj F_j^T A F_j``.
+* **Kron-OBS** (structured OBS with ``H^-1 = A^-1 (x) S^-1``):
+  ``dL_j = 1/2 F_j^T A F_j / [S^-1]_jj``. Removing the set Q of filters at the least
+  quadratic cost moves ``W`` by ``dW = -W[:, Q] C^T`` with
+  ``C = S^-1[:, Q] ([S^-1]_QQ)^-1`` (``A`` cancels); for one filter this is the paper's ``-S^-1 e_j (x) F_j / [S^-1]_jj``. It is
   :func:`jaxsparse.pruning.obs.compensating_update` applied to every row of ``W``
   with ``H^-1 = S^-1``. The factors are damped as in K-FAC (factored Tikhonov
   damping with pi, Martens & Grosse 2015, sec. 6.3):
   ``A + pi sqrt(lambda) I`` and ``S + sqrt(lambda) / pi I``,
   ``pi = sqrt((tr A / dim A) / (tr S / dim S))``.
-* **EigenDamage** (sec. 4): with ``A = Q_A L_A Q_A^T`` and ``S = Q_S L_S Q_S^T``
+* **EigenDamage**: with ``A = Q_A L_A Q_A^T`` and ``S = Q_S L_S Q_S^T``
   the weights in the Kronecker-factored eigenbasis are ``W' = Q_A^T W Q_S``,
   where the Fisher is diagonal, ``L_A (x) L_S``, so OBD is exact there:
   ``1/2 W'_ik^2 L_A,i L_S,k``. Summed over k it is the importance of input
@@ -40,6 +41,9 @@ Criteria (per filter j; higher = keep, like :mod:`jaxsparse.pruning.criteria`):
   becomes the bottleneck ``x -> x Q_A[:, I] -> W'[I, K] -> Q_S[:, K]^T``
   (a conv with ``|I|`` filters, then two 1x1 maps). A layer whose bottleneck
   would hold more parameters than the layer is left as it was (as the authors' code does).
+  Here ``Q_A`` spans the whole unfolded patch (the KFC eigenbasis itself), so a conv's first
+  map costs ``kh kw c_in |I|``; the paper's figure draws its conv bottleneck with a 1x1 first
+  map (an input factor over channels), which this module does not implement.
 
 Structured masks go through :mod:`jaxsparse.pruning.structured`
 (:func:`~jaxsparse.pruning.structured.filters`, :func:`structured_masks`,
@@ -58,7 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -253,7 +257,7 @@ def kron_factors(loss_fn: criteria.LossFn, params: Any, batches: Any, *,
                  layers: Sequence[str] | None = None) -> dict[str, KronFactors]:
   """K-FAC factors ``A = E[a a^T]``, ``S = E[g g^T]`` of every flax Dense/Conv layer.
 
-  Wang et al. (2019), sec. 3.2 (K-FAC; KFC for convs, see the module docstring).
+  Wang et al. (2019), K-FAC (KFC for convs; see the module docstring).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the *mean* loss over the batch,
@@ -346,7 +350,8 @@ def damped_factors(factors: KronFactors, damping: float) -> KronFactors:
 
 def _spd_inverse(s: jax.Array) -> jax.Array:
   """Inverse of a (damped, so positive definite) factor by Cholesky."""
-  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(s), jnp.eye(s.shape[0], dtype=s.dtype))
+  eye = jnp.eye(s.shape[0], dtype=s.dtype)
+  return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(s), eye)
 
 
 def _leaves(params: Any) -> dict[str, Any]:
@@ -416,7 +421,7 @@ def _kron_obs(w, a, s, lam):
 
 
 def kron_obd_scores(params: Any, factors: Mapping[str, KronFactors]) -> dict[str, jax.Array]:
-  """Kron-OBD ``dL_j = 1/2 S_jj F_j^T A F_j`` per filter (Wang et al. 2019, eq. 9, K-FAC ``H``).
+  """Kron-OBD ``dL_j = 1/2 S_jj F_j^T A F_j`` per filter (Wang et al. 2019).
 
   Returns kernel name -> ``(d_out,)`` scores (the bias is part of each filter).
   """
@@ -426,7 +431,7 @@ def kron_obd_scores(params: Any, factors: Mapping[str, KronFactors]) -> dict[str
 
 def kron_obs_scores(params: Any, factors: Mapping[str, KronFactors], *,
                     damping: float = 1e-3) -> dict[str, jax.Array]:
-  """Kron-OBS ``dL_j = 1/2 F_j^T A F_j / [S^-1]_jj`` per filter (Wang et al. 2019, eq. 10).
+  """Kron-OBS ``dL_j = 1/2 F_j^T A F_j / [S^-1]_jj`` per filter (Wang et al. 2019).
 
   ``A`` and ``S`` are damped by :func:`damped_factors`.
   """
@@ -446,7 +451,7 @@ def _obs_update(w, a, s, lam, removed):
 
 def kron_obs_update(params: Any, factors: Mapping[str, KronFactors], masks: Any, *,
                     damping: float = 1e-3) -> Any:
-  """Kron-OBS's compensating update for the filters that ``masks`` removes (eq. 11).
+  """Kron-OBS's compensating update for the filters that ``masks`` removes (Wang et al. 2019).
 
   A filter j is removed when its kernel mask ``[..., j]`` is all False. The kept
   filters of the same layer move by ``dW = -W[:, Q] C^T``,
@@ -509,7 +514,7 @@ def kron_prune(params: Any, factors: Mapping[str, KronFactors], sparsity: float,
                criterion: str = "obs", damping: float = 1e-3, scope: str = "global",
                links: Sequence[structured.ChannelLink] = (),
                output_layer: str | None = "last") -> KronPruneResult:
-  """One-shot filter pruning by Kron-OBD or Kron-OBS (Wang et al. 2019, sec. 3.3).
+  """One-shot filter pruning by Kron-OBD or Kron-OBS (Wang et al. 2019).
 
   Args:
     params, factors: the model and its :func:`kron_factors`.
@@ -556,7 +561,7 @@ def _eigen(w, a, s):
 
 def eigenbasis(params: Any, factors: Mapping[str, KronFactors]) -> dict[str, tuple]:
   """Per layer (numpy arrays): the full :class:`Bottleneck` ``(Q_A, W' = Q_A^T W Q_S, Q_S)`` and
-  the importances of the input and output eigen-directions (Wang et al. 2019, sec. 4):
+  the importances of the input and output eigen-directions (Wang et al. 2019):
   ``1/2 sum_k W'_ik^2 L_A,i L_S,k`` and ``1/2 sum_i W'_ik^2 L_A,i L_S,k``."""
   _check_factors(factors)
   out = {}
@@ -599,7 +604,7 @@ def merge_bottlenecks(params: Any, bottlenecks: Mapping[str, Bottleneck | None],
 def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float, *,
                 output_layer: str | None = "last", max_layer_pruning: float = 0.95,
                 basis: Mapping[str, tuple] | None = None) -> EigenDamageResult:
-  """EigenDamage: one-shot structured pruning in the Kronecker-factored eigenbasis (sec. 4).
+  """EigenDamage: one-shot structured pruning in the Kronecker-factored eigenbasis (Wang 2019).
 
   Args:
     params, factors: the model and its :func:`kron_factors`.

@@ -1,4 +1,4 @@
-"""experiments.kfac_pruning --small: the pipeline runs, meets the FLOPs target and writes its table."""
+"""experiments.kfac_pruning --small: the pipeline runs, meets the FLOPs target, writes its table."""
 import json
 import os
 
@@ -15,7 +15,8 @@ def test_small_run_meets_the_flops_target_and_writes_the_table(tmp_path):
   res = kp.main(["--small", "--model", "lenet300", "--methods", "filter_l1,kron_obs,eigendamage",
                  "--out-dir", out])
   table = open(os.path.join(out, "table.md")).read()
-  for head in ("LeNet-300-100 on fashion_mnist (--small)", "FLOPs reduction", "acc. fine-tuned (%)", "| Kron-OBS + update | 2x |",
+  for head in ("LeNet-300-100 on fashion_mnist (--small)", "FLOPs reduction",
+               "acc. fine-tuned (%)", "| Kron-OBS + update | 2x |",
                "| EigenDamage | 2x |", "seeds 0"):
     assert head in table
   runs = {r["method"]: r for r in res["runs"]}

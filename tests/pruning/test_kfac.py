@@ -220,7 +220,8 @@ def test_eigendamage_importances_bottleneck_and_exact_reconstruction(tiny):
   assert b.w.shape == (keep[:9].sum(), keep[9:].sum())
   assert b.q_a.shape == (9, keep[:9].sum()) and b.q_s.shape == (8, keep[9:].sum())
   assert kfac.bottleneck_size(b) == b.q_a.size + b.w.size + b.q_s.size < 8 * 8 + 8
-  np.testing.assert_array_equal(np.abs(b.w), np.abs(eig["conv/kernel"][0].w)[np.ix_(keep[:9], keep[9:])])
+  full_w = np.abs(eig["conv/kernel"][0].w)
+  np.testing.assert_array_equal(np.abs(b.w), full_w[np.ix_(keep[:9], keep[9:])])
   k = np.asarray(res.params["conv"]["kernel"]).reshape(8, 8)
   kb = np.concatenate([k, np.asarray(res.params["conv"]["bias"])[None]])
   np.testing.assert_allclose(kb, b.q_a @ b.w @ b.q_s.T, rtol=1e-5, atol=1e-6)
