@@ -28,8 +28,8 @@ Criteria (per filter j; higher = keep, like :mod:`jaxsparse.pruning.criteria`):
   quadratic cost moves ``W`` by ``dW = -W[:, Q] C^T`` with
   ``C = S^-1[:, Q] ([S^-1]_QQ)^-1`` (``A`` cancels); for one filter this is the paper's
   ``-S^-1 e_j (x) F_j / [S^-1]_jj``. It is :func:`jaxsparse.pruning.obs.compensating_update`
-  applied to every row of ``W`` with ``H^-1 = S^-1``. The factors are damped as in K-FAC (factored Tikhonov
-  damping with pi, Martens & Grosse 2015, sec. 6.3):
+  applied to every row of ``W`` with ``H^-1 = S^-1``. The factors are damped as in
+  K-FAC (factored Tikhonov damping with pi, Martens & Grosse 2015, sec. 6.3):
   ``A + pi sqrt(lambda) I`` and ``S + sqrt(lambda) / pi I``,
   ``pi = sqrt((tr A / dim A) / (tr S / dim S))``.
 * **EigenDamage**: with ``A = Q_A L_A Q_A^T`` and ``S = Q_S L_S Q_S^T``
