@@ -7,6 +7,7 @@ import pytest
 from experiments import kfac_pruning as kp
 
 
+@pytest.mark.e2e
 def test_small_run_meets_the_flops_target_and_writes_the_table(tmp_path):
   out = str(tmp_path / "kfac")
   # LeNet-300-100 and three of the six methods keep the check short (LeNet-5's convs compile
