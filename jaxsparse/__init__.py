@@ -37,6 +37,8 @@ from jaxsparse.methods.sparse_evolutionary import sparse_evolutionary_training
 from jaxsparse.methods.static import dense, keep_masks, static_sparse
 from jaxsparse.pruning.criteria import (grasp_masks, obd_scores, score_masks, score_pruning,
                                         snip_masks, synflow_masks)
+from jaxsparse.pruning.kfac import (eigendamage, kron_factors, kron_obd_scores, kron_obs_scores,
+                                    kron_prune)
 from jaxsparse.pruning.lottery import lottery_ticket
 from jaxsparse.pruning.magnitude import (gradual_pruning, magnitude_masks, magnitude_pruning,
                                          random_pruning, rewind)
@@ -67,9 +69,11 @@ __all__ = [
     "apply_masks", "best_formats", "bsr_from_dense", "bsr_matmul", "bsr_to_dense", "check_masks",
     "compression_sizes", "count_flops", "count_leaves", "deep_r", "deep_r_optimizer",
     "default_filter", "dense", "densities", "distillation_loss", "dsr", "dynamic_sparse",
+    "eigendamage",
     "export_sparse", "filter_l1_masks", "flops_summary", "get_masks", "get_sparse_state",
     "gradual_pruning", "grasp_masks", "group_lasso_proximal", "huffman_code", "huffman_decode",
-    "huffman_encode", "keep_masks", "kept_counts", "kmeans_1d", "l1_proximal", "load_masks",
+    "huffman_encode", "keep_masks", "kept_counts", "kmeans_1d", "kron_factors", "kron_obd_scores",
+    "kron_obs_scores", "kron_prune", "l1_proximal", "load_masks",
     "lottery_ticket", "magnitude_masks", "magnitude_pruning", "nm_masks", "obd_scores", "obs_prune",
     "owl_sparsities", "propagate_channels", "pruned_parameter_efficiency", "random_pruning",
     "rewind", "rigl", "score_masks", "score_pruning", "select_leaves", "sensitivity_decay",
