@@ -119,6 +119,17 @@ def write_json(path: str, obj: Any, *, indent: int = 2) -> None:
     json.dump(obj, f, indent=indent)
 
 
+def write_results(out_dir: str, result: Any, table: str, rows: Sequence[Mapping[str, Any]], *,
+                  csv_name: str = "runs.csv") -> None:
+  """An experiment's usual outputs in ``out_dir``: ``rows`` as ``csv_name``, ``result`` as
+  ``results.json`` and the markdown ``table`` as ``table.md`` (also printed)."""
+  write_csv(os.path.join(out_dir, csv_name), rows)
+  write_json(os.path.join(out_dir, "results.json"), result)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(table)
+  print(table)
+
+
 # ----------------------------------------------------------------------------- timing
 
 

@@ -25,7 +25,6 @@ tests.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
@@ -175,7 +174,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   result = dict(args=vars(a), accuracy=accuracy, layers=rows,
                 totals={k: float(v) for k, v in totals.items()}, seconds=time.perf_counter() - t0,
                 jax_version=jax.__version__, device=jax.devices()[0].platform)
-  write_outputs(a, result)
+  common.write_results(a.out_dir, result, table_markdown(a, result), result["layers"],
+                       csv_name="layers.csv")
   return result
 
 
@@ -213,15 +213,6 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
                                                          "quantized"))]], "lrrrrr"), "",
            f"Paper (MNIST, Table 1): {PAPER_RESULT[a.model]}.", ""]
   return "\n".join(lines)
-
-
-def write_outputs(a: argparse.Namespace, result: dict[str, Any]) -> None:
-  common.write_csv(os.path.join(a.out_dir, "layers.csv"), result["layers"])
-  common.write_json(os.path.join(a.out_dir, "results.json"), result)
-  text = table_markdown(a, result)
-  with open(os.path.join(a.out_dir, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import warnings
 from typing import Any
@@ -472,12 +471,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   result = dict(args={k: v for k, v in vars(a).items()}, runs=rows, summary=summary,
                 seconds=seconds, jax_version=jax.__version__,
                 device=jax.devices()[0].platform)
-  common.write_csv(os.path.join(a.out_dir, "runs.csv"), rows)
-  common.write_json(os.path.join(a.out_dir, "results.json"), result)
-  text = table_markdown(a, summary, seconds)
-  with open(os.path.join(a.out_dir, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
+  common.write_results(a.out_dir, result, table_markdown(a, summary, seconds), rows)
   return result
 
 

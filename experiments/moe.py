@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from typing import Any
@@ -260,7 +259,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                       f"load {row['expert_counts']}" if is_moe else ""))
   result = dict(args=vars(a), runs=runs, seconds=time.perf_counter() - t0,
                 jax_version=jax.__version__, device=jax.devices()[0].platform)
-  write_outputs(a, result)
+  common.write_results(a.out_dir, result, table_markdown(a, result), result["runs"])
   return result
 
 
@@ -307,15 +306,6 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
   lines += ["Expert loads on the test set (pairs per expert), per seed: " + "; ".join(
       f"seed {r['seed']}: {r['expert_counts']}" for r in moe_rows) + ".", ""]
   return "\n".join(lines)
-
-
-def write_outputs(a: argparse.Namespace, result: dict[str, Any]) -> None:
-  common.write_csv(os.path.join(a.out_dir, "runs.csv"), result["runs"])
-  common.write_json(os.path.join(a.out_dir, "results.json"), result)
-  text = table_markdown(a, result)
-  with open(os.path.join(a.out_dir, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

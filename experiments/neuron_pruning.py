@@ -25,7 +25,6 @@ training / 500 test images, one epoch each, 200 calibration images).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
@@ -197,7 +196,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             f"{rows[-1]['acc_finetuned']:.4f}, params {rows[-1]['params']:,}")
   result = dict(args=vars(a), rows=rows, seconds=time.perf_counter() - t0,
                 jax_version=jax.__version__, device=jax.devices()[0].platform)
-  write_outputs(a, result)
+  common.write_results(a.out_dir, result, table_markdown(a, result), result["rows"],
+                       csv_name="results.csv")
   return result
 
 
@@ -226,15 +226,6 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
            common.markdown_table(["criterion", "sparsity", "one-shot acc", "fine-tuned acc",
                                   "params kept", "FLOPs kept"], body, "lrrrrr"), ""]
   return "\n".join(lines)
-
-
-def write_outputs(a: argparse.Namespace, result: dict[str, Any]) -> None:
-  common.write_csv(os.path.join(a.out_dir, "results.csv"), result["rows"])
-  common.write_json(os.path.join(a.out_dir, "results.json"), result)
-  text = table_markdown(a, result)
-  with open(os.path.join(a.out_dir, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

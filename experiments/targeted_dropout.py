@@ -24,7 +24,6 @@ candidates, :func:`jaxsparse.targeting_masks`); that column is reported too. Wri
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -187,7 +186,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
           f", per column {row['per_column_pruned']:.4f}, {seconds:.1f} s/epoch")
   result = dict(args=vars(a), runs=runs, seconds=time.perf_counter() - t0,
                 jax_version=jax.__version__, device=jax.devices()[0].platform)
-  write_outputs(a, result)
+  common.write_results(a.out_dir, result, table_markdown(a, result), result["runs"])
   return result
 
 
@@ -223,15 +222,6 @@ def table_markdown(a: argparse.Namespace, result: dict[str, Any]) -> str:
            "fine-tune.", "",
            common.markdown_table(header, body, "l" + "r" * (len(header) - 1)), ""]
   return "\n".join(lines)
-
-
-def write_outputs(a: argparse.Namespace, result: dict[str, Any]) -> None:
-  common.write_csv(os.path.join(a.out_dir, "runs.csv"), result["runs"])
-  common.write_json(os.path.join(a.out_dir, "results.json"), result)
-  text = table_markdown(a, result)
-  with open(os.path.join(a.out_dir, "table.md"), "w") as f:
-    f.write(text)
-  print(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -58,6 +58,17 @@ def test_write_csv_and_json(tmp_path):
   assert json.loads((tmp_path / "r.json").read_text()) == dict(a=[1, 2])
 
 
+def test_write_results_writes_csv_json_and_the_printed_table(tmp_path, capsys):
+  rows = [{"method": "set", "acc": 0.9}, {"method": "rigl", "acc": 0.91}]
+  common.write_results(str(tmp_path), {"rows": rows, "seconds": 1.5}, "| a |\n", rows,
+                       csv_name="layers.csv")
+  assert list(csv.DictReader(open(tmp_path / "layers.csv"))) == [
+      {"method": "set", "acc": "0.9"}, {"method": "rigl", "acc": "0.91"}]
+  assert json.load(open(tmp_path / "results.json")) == {"rows": rows, "seconds": 1.5}
+  assert (tmp_path / "table.md").read_text() == "| a |\n"
+  assert "| a |" in capsys.readouterr().out
+
+
 def test_median_seconds_times_every_fn_after_warmup():
   calls = {"a": 0, "b": 0}
 
