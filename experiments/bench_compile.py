@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import statistics
 import time
@@ -169,6 +170,7 @@ def main(argv=None) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
   print(markdown(rows))
   if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
       json.dump(rows, f, indent=2)
   return rows

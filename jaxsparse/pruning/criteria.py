@@ -26,6 +26,8 @@ trained with ``jaxsparse.keep_masks(inner, masks)`` (static sparse training).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -86,8 +88,14 @@ def snip_scores(params: Params, loss_fn: LossFn, batch: Batch) -> Scores:
   """SNIP connection sensitivity ``|theta * dL/dtheta|`` (Lee et al. 2019, eq. 6, unnormalised)."""
   check_batch(batch, "SNIP")
   check_loss(loss_fn, params, batch)
-  score = lambda p, b: jax.tree.map(lambda w, d: jnp.abs(w * d), p, jax.grad(loss_fn)(p, b))
-  return jax.jit(score)(params, batch)
+  return _snip(params, loss_fn, batch)
+
+
+# The criteria are jitted once per loss_fn (a static argument: same function, same shapes, no
+# recompilation), not as a fresh closure per call, which compiled at every call.
+@functools.partial(jax.jit, static_argnums=1)
+def _snip(params: Params, loss_fn: LossFn, batch: Batch) -> Scores:
+  return jax.tree.map(lambda w, d: jnp.abs(w * d), params, jax.grad(loss_fn)(params, batch))
 
 
 def hessian_gradient_product(params: Params, loss_fn: LossFn, batch: Batch) -> Params:
@@ -106,8 +114,12 @@ def grasp_scores(params: Params, loss_fn: LossFn, batch: Batch) -> Scores:
   """
   check_batch(batch, "GraSP")
   check_loss(loss_fn, params, batch)
-  score = lambda p, b: jax.tree.map(lambda w, h: -w * h, p, hessian_gradient_product(p, loss_fn, b))
-  return jax.jit(score)(params, batch)
+  return _grasp(params, loss_fn, batch)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grasp(params: Params, loss_fn: LossFn, batch: Batch) -> Scores:
+  return jax.tree.map(lambda w, h: -w * h, params, hessian_gradient_product(params, loss_fn, batch))
 
 
 def synflow_scores(params: Params, apply_fn: Callable[[Params, jax.Array], jax.Array],
@@ -135,11 +147,13 @@ def per_example_grads(params: Params, loss_fn: LossFn, batch: Batch) -> Params:
   """Gradients of each example's loss, stacked on a leading axis (``jax.vmap`` of ``jax.grad``)."""
   check_batch(batch, "per-example gradient")
   check_loss(loss_fn, params, batch)
+  return _per_example_grads(params, loss_fn, batch)
 
-  def one(p, example):
-    return jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], example))
 
-  return jax.jit(jax.vmap(one, in_axes=(None, 0)))(params, batch)
+@functools.partial(jax.jit, static_argnums=1)
+def _per_example_grads(params: Params, loss_fn: LossFn, batch: Batch) -> Params:
+  one = lambda p, example: jax.grad(loss_fn)(p, jax.tree.map(lambda a: a[None], example))
+  return jax.vmap(one, in_axes=(None, 0))(params, batch)
 
 
 def empirical_fisher_diag(params: Params, loss_fn: LossFn, batch: Batch) -> Params:

@@ -5,7 +5,7 @@ from experiments import bench_compile
 
 
 def test_reports_compile_times_and_op_counts_against_dense(tmp_path):
-  out = tmp_path / "c.json"
+  out = tmp_path / "new_dir" / "c.json"   # --out's folder is created
   rows = bench_compile.main(["--models", "lenet300", "--methods", "static",
                              "--repeats", "1", "--out", str(out)])
   (row,) = rows

@@ -293,3 +293,18 @@ def test_other_bad_arguments_are_named():
     criteria.obd_scores(p, loss, b, curvature="hutchinson")
   with pytest.raises(ValueError, match="iterations"):
     criteria.synflow_masks(p, apply, (3,), 0.5, iterations=0)
+
+
+def test_data_criteria_compile_once_per_loss_and_shapes():
+  """A second call with the same loss_fn and shapes reuses the compiled criterion (each call
+  used to jit a fresh closure and compile again); new values give new scores."""
+  p, b = tiny_params(), tiny_batch()
+  fns = ((criteria.snip_scores, criteria._snip), (criteria.grasp_scores, criteria._grasp),
+         (criteria.per_example_grads, criteria._per_example_grads))
+  for public, jitted in fns:
+    first = public(p, loss, b)
+    size = jitted._cache_size()
+    again = public(tiny_params(seed=3), loss, b)
+    assert jitted._cache_size() == size, public.__name__
+    assert not all(bool(jnp.array_equal(x, y)) for x, y in
+                   zip(jax.tree.leaves(first), jax.tree.leaves(again))), public.__name__
