@@ -117,8 +117,7 @@ def _has_bn(batch_stats: Any) -> bool:
 def check_distillation(temperature: float, alpha: float) -> None:
   """The loss's own checks (ValueError naming ``temperature`` or ``alpha``), run before
   anything is built or traced rather than at the first step."""
-  distillation.distillation_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1, jnp.int32),
-                                 temperature=temperature, alpha=alpha)
+  distillation.check_hyperparameters(temperature, alpha)
 
 
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int, *,

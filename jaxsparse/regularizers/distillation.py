@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import optax
 
 
-def _check(temperature, alpha) -> None:
+def check_hyperparameters(temperature, alpha) -> None:
+  """Raises (naming ``temperature`` or ``alpha``) unless ``temperature > 0`` and ``alpha`` is in
+  ``[0, 1]``, both real numbers: :func:`distillation_loss`'s checks, without computing it."""
   if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
     raise TypeError(f"temperature must be a real number > 0, got {temperature!r}")
   if not temperature > 0:
@@ -56,7 +58,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, labe
     ValueError / TypeError: naming ``temperature``, ``alpha``, ``teacher_logits`` or
       ``labels`` for a bad value or shape.
   """
-  _check(temperature, alpha)
+  check_hyperparameters(temperature, alpha)
   s = jnp.asarray(student_logits)
   t = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
   if t.shape != s.shape:

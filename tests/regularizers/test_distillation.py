@@ -87,6 +87,8 @@ def test_bad_temperature_or_alpha_is_an_error_naming_it(kwargs, error, match):
   s, t, y = _case()
   with pytest.raises(error, match=match):
     js.distillation_loss(s, t, y, **kwargs)
+  with pytest.raises(error, match=match):   # the same checks alone, before any training
+    distillation.check_hyperparameters(**kwargs)
 
 
 def test_bad_shapes_are_errors_naming_the_argument():
