@@ -16,7 +16,11 @@ Pipeline, per seed:
      over each filter; the chosen filters are then removed with OBS's own multi-weight
      compensating update (a second ``obs_prune`` call given the filter masks);
    * Kron-OBD and Kron-OBS (:mod:`jaxsparse.pruning.kfac`; Kron-OBS with its update);
-   * EigenDamage (bottlenecks in the Kronecker-factored eigenbasis).
+   * EigenDamage (bottlenecks in the Kronecker-factored eigenbasis). ``--eigen-conv-factor``
+     picks a conv's input factor: ``channel`` (default; the paper's conv bottleneck and the
+     authors' ``use_patch=True`` default for EigenDamage: A over input channels, the layer
+     becomes 1x1 -> kh x kw -> 1x1) or ``patch`` (KFC's factor over the unfolded patch: kh x kw
+     -> 1x1 -> 1x1). Kron-OBD/OBS always use the patch factor.
 3. prune to each ``--flops-reduction`` (dense FLOPs / pruned FLOPs, counted by
    :mod:`jaxsparse.analysis.flops`; a removed channel also removes its consumer's inputs).
    Hessian criteria (OBD, OBS, Kron-*) remove filters in increasing order of importance over
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--obs-block", type=int, default=64, help="OBS block_size")
   p.add_argument("--damping", type=float, default=1e-3, help="Kron-OBS and OBS damping")
   p.add_argument("--max-layer-pruning", type=float, default=0.95)
+  p.add_argument("--eigen-conv-factor", default="channel",
+                 help="EigenDamage's conv input factor: channel (1x1 -> kh x kw -> 1x1, the "
+                      "paper's) or patch (kh x kw -> 1x1 -> 1x1)")
   p.add_argument("--small", action="store_true",
                  help="500 train / 200 test images, one epoch, target 2x (a short check)")
   return p
@@ -111,6 +118,9 @@ def _check_args(a: argparse.Namespace) -> None:
   kfac.check_damping(a.damping)
   if not 0.0 < a.max_layer_pruning < 1.0:
     raise ValueError(f"--max-layer-pruning must be in (0, 1), got {a.max_layer_pruning}")
+  if a.eigen_conv_factor not in kfac.CONV_FACTORS:
+    raise ValueError(f"--eigen-conv-factor must be one of {', '.join(kfac.CONV_FACTORS)}, got "
+                     f"{a.eigen_conv_factor!r}")
 
 
 # ------------------------------------------------------------------ FLOPs under filter removal
@@ -279,8 +289,16 @@ def run_seed(a: argparse.Namespace, ds, seed: int, log) -> list[dict[str, Any]]:
   flops = FlopsModel(layers, links)
 
   t0 = time.perf_counter()
-  factors = js.kron_factors(loss_fn, dense, chunks)
-  sub = {n: factors[n] for n in prunable}
+  # Kron-OBD/OBS take KFC's patch factors; EigenDamage those of --eigen-conv-factor (the same
+  # when the model has no conv).
+  has_conv = any(layer.kind == "Conv" for layer in layers)
+  eig_kind = a.eigen_conv_factor if has_conv else "patch"
+  kinds = {eig_kind} if "eigendamage" in a.method_list else set()
+  if {"kron_obd", "kron_obs"} & set(a.method_list):
+    kinds.add("patch")
+  factors = {k: js.kron_factors(loss_fn, dense, chunks, conv_factor=k) for k in sorted(kinds)}
+  sub = {n: factors["patch"][n] for n in prunable} if "patch" in factors else {}
+  eig_sub = {n: factors[eig_kind][n] for n in prunable} if eig_kind in factors else {}
   scores: dict[str, dict[str, np.ndarray]] = {}
   if "obd" in a.method_list:   # the Fisher diagonal is a mean: average the chunks' scores
     parts = [_pooled(js.obd_scores(dense, loss_fn, c), prunable) for c in chunks]
@@ -310,7 +328,7 @@ def run_seed(a: argparse.Namespace, ds, seed: int, log) -> list[dict[str, Any]]:
     for method in a.method_list:
       t0 = time.perf_counter()
       if method == "eigendamage":
-        pruned, masks_or_b, fl, kept = _eigendamage_at(dense, sub, layers, budget, a)
+        pruned, masks_or_b, fl, kept = _eigendamage_at(dense, eig_sub, layers, budget, a)
       else:
         if method == "filter_l1":
           f = _uniform_fraction(channels, flops, budget, a.max_layer_pruning)
@@ -403,7 +421,7 @@ def _eigendamage_at(dense, sub, layers, budget, a):
 
 def _layer_info(method: str, masks_or_b: Any, prunable: tuple) -> str:
   if method == "eigendamage":
-    return ", ".join(f"{n.split('/')[0]} " + (f"{b.w.shape[0]}->{b.w.shape[1]}" if b is not None
+    return ", ".join(f"{n.split('/')[0]} " + (f"{b.w.shape[-2]}->{b.w.shape[-1]}" if b is not None
                                               else "whole") for n, b in masks_or_b.items())
   leaves = dict(zip(masks_lib.leaf_names(masks_or_b), jax.tree.leaves(masks_or_b)))
   return ", ".join(f"{n.split('/')[0]} {int((~structured.removed_channels(leaves[n])).sum())}"
@@ -449,8 +467,13 @@ def table_markdown(a: argparse.Namespace, summary: list[dict[str, Any]], seconds
            f"{jax.__version__}, {seconds:.0f} s.", "",
            "FLOPs: forward multiply-adds x 2 of the Dense/Conv kernels per example "
            "(jaxsparse.analysis.flops); a removed filter also removes its consumer's inputs. "
-           "EigenDamage counts its three maps (bias rows not counted, as biases never are); "
-           "params count kernels and biases (EigenDamage: Q_A with its bias row, W', Q_S).", "",
+           "EigenDamage counts its three maps (bias rows not counted, as biases never are; "
+           f"conv input factor: {a.eigen_conv_factor}"
+           + (", so a conv becomes 1x1 Q_A at the input's resolution -> kh x kw W' -> 1x1 Q_S"
+              if a.eigen_conv_factor == "channel" else
+              ", so a conv becomes kh x kw Q_A -> 1x1 W' -> 1x1 Q_S")
+           + "); params count kernels and biases (EigenDamage: Q_A with its bias row, W', Q_S).",
+           "",
            common.markdown_table(header, body, "llrrrrrr"), ""]
   return "\n".join(lines)
 

@@ -7,10 +7,11 @@ K-FAC approximation (Martens & Grosse 2015; for convolutions, KFC: Grosse & Mart
 
   F ~= A (x) S,   A = E[a a^T],   S = E[g g^T]
 
-where ``a`` is the layer's input (for a conv, one unfolded patch; with a bias, a
-trailing 1 is appended) and ``g`` the gradient of one example's loss w.r.t. the
-layer's pre-activation output. In flax's ``(in, out)`` layout the layer's weights
-with the bias as an extra row form ``W`` of shape ``(d_in [+1], d_out)``; filter j
+where ``a`` is the layer's input (for a conv, one unfolded patch, or with
+``conv_factor="channel"`` one kernel offset's input channels; with a bias, a
+trailing 1, or ``1 / (kh kw)`` per offset, is appended) and ``g`` the gradient of one
+example's loss w.r.t. the layer's pre-activation output. In flax's ``(in, out)`` layout the
+layer's weights with the bias as an extra row form ``W`` of shape ``(d_in [+1], d_out)``; filter j
 (output channel j) is the column ``F_j = W[:, j]`` and ``vec(W)`` is ordered so
 that the Kronecker product above (``A`` over inputs, ``S`` over outputs) is
 exact for one example at one position. For conv layers (and Dense layers
@@ -41,9 +42,16 @@ Criteria (per filter j; higher = keep, like :mod:`jaxsparse.pruning.criteria`):
   becomes the bottleneck ``x -> x Q_A[:, I] -> W'[I, K] -> Q_S[:, K]^T``
   (a conv with ``|I|`` filters, then two 1x1 maps). A layer whose bottleneck
   would hold more parameters than the layer is left as it was (as the authors' code does).
-  Here ``Q_A`` spans the whole unfolded patch (the KFC eigenbasis itself), so a conv's first
-  map costs ``kh kw c_in |I|``; the paper's figure draws its conv bottleneck with a 1x1 first
-  map (an input factor over channels), which this module does not implement.
+  For a conv the input factor is either KFC's over the whole unfolded patch
+  (``kron_factors(conv_factor="patch")``, the default): the bottleneck is then a
+  ``kh x kw`` conv with ``|I|`` filters, then two 1x1 maps, and its first map costs
+  ``kh kw c_in |I|``; or, as in the paper's conv bottleneck (its figure: 1x1, 3x3, 1x1) and
+  the authors' code (``use_patch=True``), over input channels only (``conv_factor="channel"``:
+  ``A`` pooled over positions and kernel offsets, ``(c_in [+1])``). Then
+  ``W'[o] = Q_A^T W[o] Q_S`` at each kernel offset o, the importances sum ``W'[o]_ik^2`` over
+  the offsets, and the layer becomes 1x1 ``Q_A[:, I]`` (at the input's resolution) ->
+  ``kh x kw`` conv ``W'[:, :, I, K]`` -> 1x1 ``Q_S[:, K]^T``, whose product is again one conv
+  (:func:`bottleneck_matrix`).
 
 Structured masks go through :mod:`jaxsparse.pruning.structured`
 (:func:`~jaxsparse.pruning.structured.filters`, :func:`structured_masks`,
@@ -84,10 +92,17 @@ class KronFactors(NamedTuple):
     a: ``E[a a^T]`` over the layer's inputs (patches), ``(d_in [+1], d_in [+1])``.
     s: ``E[g g^T]`` over the output gradients of one example's loss, ``(d_out, d_out)``.
     has_bias: whether ``a`` carries the bias's trailing 1 (the layer has a bias).
+    window: ``()`` when ``a`` spans the layer's whole input (a Dense input, a conv's unfolded
+      patch); the conv's kernel window ``(kh, kw)`` when ``a`` is the *channel* factor
+      ``(c_in [+1], c_in [+1])`` (``kron_factors(conv_factor="channel")``).
+    in_positions: with a channel factor, the spatial positions of one calibration example's
+      input to the layer (where EigenDamage's 1x1 ``Q_A`` map runs); 0 otherwise.
   """
   a: jax.Array
   s: jax.Array
   has_bias: bool
+  window: tuple = ()
+  in_positions: int = 0
 
 
 class Bottleneck(NamedTuple):
@@ -95,13 +110,18 @@ class Bottleneck(NamedTuple):
 
   Attributes:
     q_a: kept input eigenvectors ``(d_in [+1], k_in)``; with a bias, its last row is
-      the bias of the first map.
-    w: the weights in the eigenbasis ``(k_in, k_out)``.
+      the bias of the first map (channel form: it meets a constant ``1 / (kh kw)`` input).
+    w: the weights in the eigenbasis: ``(k_in, k_out)`` (patch or Dense factors), or, for a
+      conv's channel factors, the conv kernel ``(kh, kw, k_in, k_out)`` between a 1x1 map
+      ``q_a`` (``c_in [+1] -> k_in``) and a 1x1 map ``q_s^T`` (``k_out -> c_out``).
     q_s: kept output eigenvectors ``(d_out, k_out)``.
+    in_positions: channel form: the spatial positions at which the 1x1 ``q_a`` runs (the
+      layer's input positions per example); 0 for the patch form.
   """
   q_a: jax.Array
   w: jax.Array
   q_s: jax.Array
+  in_positions: int = 0
 
 
 class KronPruneResult(NamedTuple):
@@ -133,6 +153,7 @@ class _Layer(NamedTuple):
   out_shape: tuple
   use_bias: bool
   conv: tuple          # (kernel_size, strides, padding, input_dilation, kernel_dilation)
+  in_shape: tuple = ()  # the layer's input shape (batch first)
 
 
 # ------------------------------------------------------------------ capture
@@ -186,7 +207,7 @@ def _find_layers(loss_fn, params, batch) -> list[_Layer]:
         raise ValueError(f"kron_factors: layer '{name}' gets an input of rank "
                          f"{jnp.ndim(args[0])}; batched (N, *spatial, C) inputs are needed")
       layer = _Layer(name, kind, tuple(module.variables["params"]["kernel"].shape),
-                     tuple(out.shape), bool(module.use_bias), conv)
+                     tuple(out.shape), bool(module.use_bias), conv, tuple(jnp.shape(args[0])))
       if name in found:
         raise ValueError(f"kron_factors: layer '{name}' is called more than once in loss_fn; "
                          "K-FAC factors of shared weights are not supported")
@@ -217,8 +238,17 @@ def _patches(x: jax.Array, layer: _Layer) -> jax.Array:
   return jnp.swapaxes(p, -1, -2).reshape(n, -1, c * math.prod(ks))
 
 
-def _factor_sums(loss_fn, params, batch, layers: Sequence[_Layer], n: int):
-  """Per layer: sum over examples of ``mean_t a a^T`` and of ``sum_t g g^T`` on one batch."""
+def _channel_rows(x: jax.Array, layer: _Layer) -> jax.Array:
+  """A conv's input as rows ``(N, positions * kh kw, c_in)``: one row per (position, offset)."""
+  p = _patches(x, layer)
+  return p.reshape(p.shape[0], -1, x.shape[-1])
+
+
+def _factor_sums(loss_fn, params, batch, layers: Sequence[_Layer], n: int,
+                 conv_factor: str = "patch"):
+  """Per layer: sum over examples of ``mean_t a a^T`` and of ``sum_t g g^T`` on one batch
+  (``conv_factor="channel"``: a conv's ``a`` is one kernel offset's channels, the mean over
+  positions and offsets, with the constant ``1 / (kh kw)`` for the bias)."""
   zeros = {layer.name: jnp.zeros((n,) + layer.out_shape[1:], jnp.float32) for layer in layers}
 
   def with_perturbation(eps):
@@ -241,9 +271,14 @@ def _factor_sums(loss_fn, params, batch, layers: Sequence[_Layer], n: int):
   grads, inputs = jax.grad(with_perturbation, has_aux=True)(zeros)
   out = {}
   for layer in layers:
-    a = _patches(inputs[layer.name].astype(jnp.float32), layer)
+    x = inputs[layer.name].astype(jnp.float32)
+    if layer.kind == "Conv" and conv_factor == "channel":
+      a = _channel_rows(x, layer)
+      one = 1.0 / math.prod(layer.conv[0])   # the bias, repeated at every offset, sums to b
+    else:
+      a, one = _patches(x, layer), 1.0
     if layer.use_bias:
-      a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+      a = jnp.concatenate([a, jnp.full(a.shape[:-1] + (1,), one, a.dtype)], axis=-1)
     # loss_fn is a mean over the batch: n * dL/dy is one example's own gradient.
     g = n * grads[layer.name].astype(jnp.float32).reshape(n, -1, layer.out_shape[-1])
     hi = jax.lax.Precision.HIGHEST
@@ -253,8 +288,12 @@ def _factor_sums(loss_fn, params, batch, layers: Sequence[_Layer], n: int):
   return out
 
 
+CONV_FACTORS = ("patch", "channel")
+
+
 def kron_factors(loss_fn: criteria.LossFn, params: Any, batches: Any, *,
-                 layers: Sequence[str] | None = None) -> dict[str, KronFactors]:
+                 layers: Sequence[str] | None = None,
+                 conv_factor: str = "patch") -> dict[str, KronFactors]:
   """K-FAC factors ``A = E[a a^T]``, ``S = E[g g^T]`` of every flax Dense/Conv layer.
 
   Wang et al. (2019), K-FAC (KFC for convs; see the module docstring).
@@ -266,10 +305,17 @@ def kron_factors(loss_fn: criteria.LossFn, params: Any, batches: Any, *,
     batches: one calibration batch (a pytree of arrays with a leading example axis,
       e.g. ``(x, y)``) or a list of them; the factors are averaged over all examples.
     layers: kernel leaf names (e.g. ``["conv1/kernel"]``) to compute; None = all.
+    conv_factor: a conv's input factor. ``"patch"``: KFC's, over the unfolded patch
+      ``(kh kw c_in [+1])``. ``"channel"``: EigenDamage's over input channels only,
+      ``(c_in [+1])``: the mean of ``a a^T`` over examples, output positions and kernel offsets,
+      ``a`` being one offset's ``c_in`` inputs with ``1 / (kh kw)`` appended for the bias (the
+      authors' ``ComputeCovAPatch``, their ``use_patch=True``). Dense layers are not affected.
 
   Returns:
     kernel leaf name -> :class:`KronFactors`.
   """
+  if conv_factor not in CONV_FACTORS:
+    raise ValueError(f"conv_factor must be one of {CONV_FACTORS}, got {conv_factor!r}")
   if isinstance(batches, list):
     if not batches:
       raise ValueError("batches: got an empty list; give at least one calibration batch")
@@ -308,12 +354,19 @@ def kron_factors(loss_fn: criteria.LossFn, params: Any, batches: Any, *,
   sums, steps = None, {}
   for b, n in zip(batch_list, sizes):
     if n not in steps:   # one jitted function per batch size
-      steps[n] = jax.jit(functools.partial(_factor_sums, loss_fn, layers=found, n=n))
+      steps[n] = jax.jit(functools.partial(_factor_sums, loss_fn, layers=found, n=n,
+                                           conv_factor=conv_factor))
     part = steps[n](params, b)
     sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
   total = sum(sizes)
-  return {layer.name: KronFactors(sums[layer.name][0] / total, sums[layer.name][1] / total,
-                                  layer.use_bias) for layer in found}
+  out = {}
+  for layer in found:
+    channel = layer.kind == "Conv" and conv_factor == "channel"
+    out[layer.name] = KronFactors(
+        sums[layer.name][0] / total, sums[layer.name][1] / total, layer.use_bias,
+        tuple(layer.conv[0]) if channel else (),
+        math.prod(layer.in_shape[1:-1]) if channel else 0)
+  return out
 
 
 # ------------------------------------------------------------------ helpers
@@ -363,19 +416,30 @@ def _bias_name(kernel: str) -> str:
 
 
 def layer_matrix(params: Any, name: str, factors: KronFactors) -> jax.Array:
-  """A layer's weights as ``W = [[kernel.reshape(-1, d_out)], [bias]]``, matching ``factors``."""
+  """A layer's weights as ``W = [[kernel.reshape(-1, d_out)], [bias]]``, matching ``factors``.
+
+  For a conv's channel factors (``factors.window``), one such matrix per kernel offset,
+  ``(kh kw, c_in [+1], d_out)``, the bias row repeated in each (it meets the input
+  ``1 / (kh kw)`` at every offset; the authors' ``fetch_mat_weights(use_patch=True)``).
+  """
   leaves = _leaves(params)
   if name not in leaves:
     raise ValueError(f"factors: layer '{name}' is not a leaf of params; leaves are {list(leaves)}")
   k = jnp.asarray(leaves[name], jnp.float32)
-  w = k.reshape(-1, k.shape[-1])
+  window = tuple(factors.window)
+  if window and tuple(k.shape[:-2]) != window:
+    raise ValueError(f"factors: layer '{name}' has kernel {k.shape} but channel factors for a "
+                     f"{window} window")
+  w = k.reshape(-1, k.shape[-2], k.shape[-1]) if window else k.reshape(-1, k.shape[-1])
   if factors.has_bias:
     b = leaves.get(_bias_name(name))
     if b is None:
       raise ValueError(f"factors: layer '{name}' has a bias in its factors but params hold no "
                        f"'{_bias_name(name)}'")
-    w = jnp.concatenate([w, jnp.asarray(b, jnp.float32).reshape(1, -1)], axis=0)
-  if w.shape != (factors.a.shape[0], factors.s.shape[0]):
+    row = jnp.broadcast_to(jnp.asarray(b, jnp.float32).reshape(1, -1),
+                           w.shape[:-2] + (1, w.shape[-1]))
+    w = jnp.concatenate([w, row], axis=-2)
+  if w.shape[-2:] != (factors.a.shape[0], factors.s.shape[0]):
     raise ValueError(f"factors: layer '{name}' has weights {w.shape} (with bias row) but factors "
                      f"A {factors.a.shape} and S {factors.s.shape}")
   return w
@@ -396,13 +460,17 @@ def _rebuild(params: Any, leaves: dict) -> Any:
   return jax.tree.unflatten(treedef, [leaves[n] for n in masks_lib.leaf_names(params)])
 
 
-def _check_factors(factors: Mapping[str, KronFactors]) -> None:
+def _check_factors(factors: Mapping[str, KronFactors], patch_only: str = "") -> None:
+  """``patch_only``: the criterion's name when it needs KFC's patch factors for convs."""
   if not isinstance(factors, Mapping) or not factors:
     raise ValueError("factors: expected a non-empty dict kernel name -> KronFactors "
                      f"(from kron_factors), got {type(factors).__name__}")
   for name, f in factors.items():
     if not isinstance(f, KronFactors):
       raise TypeError(f"factors['{name}'] must be a KronFactors, got {type(f).__name__}")
+    if patch_only and f.window:
+      raise ValueError(f"factors['{name}'] are channel factors (conv_factor='channel'); "
+                       f"{patch_only} needs kron_factors(..., conv_factor='patch')")
 
 
 # ------------------------------------------------------------------ Kron-OBD / Kron-OBS
@@ -425,7 +493,7 @@ def kron_obd_scores(params: Any, factors: Mapping[str, KronFactors]) -> dict[str
 
   Returns kernel name -> ``(d_out,)`` scores (the bias is part of each filter).
   """
-  _check_factors(factors)
+  _check_factors(factors, "Kron-OBD")
   return {n: _kron_obd(layer_matrix(params, n, f), f.a, f.s) for n, f in factors.items()}
 
 
@@ -435,7 +503,7 @@ def kron_obs_scores(params: Any, factors: Mapping[str, KronFactors], *,
 
   ``A`` and ``S`` are damped by :func:`damped_factors`.
   """
-  _check_factors(factors)
+  _check_factors(factors, "Kron-OBS")
   lam = jnp.float32(check_damping(damping))
   return {n: _kron_obs(layer_matrix(params, n, f), f.a, f.s, lam) for n, f in factors.items()}
 
@@ -458,7 +526,7 @@ def kron_obs_update(params: Any, factors: Mapping[str, KronFactors], masks: Any,
   ``C = S^-1[:, Q] ([S^-1]_QQ)^-1`` (the optimal joint update for the set Q; one
   filter: ``-S^-1 e_j (x) F_j / [S^-1]_jj``), and the removed ones (kernel and bias) become 0.
   """
-  _check_factors(factors)
+  _check_factors(factors, "Kron-OBS")
   lam = jnp.float32(check_damping(damping))
   masks_lib.check_masks(params, masks)
   leaves = _leaves(params)
@@ -554,37 +622,62 @@ def _eigen(w, a, s):
   ls, qs = jnp.linalg.eigh(s)
   la, ls = jnp.maximum(la, 0.0), jnp.maximum(ls, 0.0)   # round-off can make them slightly < 0
   hi = jax.lax.Precision.HIGHEST
+  # w: (d_in, d_out), or (offsets, c_in, d_out) for channel factors (one rotation per offset).
   wp = jnp.matmul(jnp.matmul(qa.T, w, precision=hi), qs, precision=hi)
   imp = 0.5 * jnp.square(wp) * la[:, None] * ls[None, :]
+  imp = imp.reshape((-1,) + imp.shape[-2:]).sum(axis=0)   # summed over kernel offsets
   return qa, wp, qs, imp.sum(axis=1), imp.sum(axis=0)
 
 
 def eigenbasis(params: Any, factors: Mapping[str, KronFactors]) -> dict[str, tuple]:
   """Per layer (numpy arrays): the full :class:`Bottleneck` ``(Q_A, W' = Q_A^T W Q_S, Q_S)`` and
-  the importances of the input and output eigen-directions (Wang et al. 2019):
-  ``1/2 sum_k W'_ik^2 L_A,i L_S,k`` and ``1/2 sum_i W'_ik^2 L_A,i L_S,k``."""
+  the importances of the input and output eigen-directions (Wang et al. 2019, OBD in the KFE):
+  ``1/2 sum_k W'_ik^2 L_A,i L_S,k`` and ``1/2 sum_i W'_ik^2 L_A,i L_S,k``.
+
+  With a conv's channel factors ``W'`` is the kernel rotated into both eigenbases at every
+  offset, ``W'[o] = Q_A^T W[o] Q_S`` (shape ``(kh, kw, c_in [+1], c_out)``), and each
+  ``W'_ik^2`` above is summed over the offsets (the authors' ``_get_unit_importance`` with
+  ``use_patch=True``: the Fisher taken as ``I_offsets (x) A (x) S``)."""
   _check_factors(factors)
   out = {}
   for n, f in factors.items():
     qa, wp, qs, imp_in, imp_out = jax.device_get(_eigen(layer_matrix(params, n, f), f.a, f.s))
-    out[n] = (Bottleneck(qa, wp, qs), imp_in, imp_out)
+    if f.window:
+      wp = wp.reshape(tuple(f.window) + wp.shape[-2:])
+    out[n] = (Bottleneck(qa, wp, qs, int(f.in_positions)), imp_in, imp_out)
   return out
 
 
 def bottleneck_size(b: Bottleneck) -> int:
   """Parameters of the factored layer: ``q_a`` (with the bias row), ``w`` and ``q_s``."""
-  return int(b.q_a.size + b.w.size + b.q_s.size)
+  return int(np.size(b.q_a) + np.size(b.w) + np.size(b.q_s))
 
 
-@jax.jit
-def _product(q_a, w, q_s):
-  hi = jax.lax.Precision.HIGHEST
-  return jnp.matmul(jnp.matmul(q_a, w, precision=hi), q_s.T, precision=hi)
+def bottleneck_matrix(b: Bottleneck, has_bias: bool, xp: Any = jnp) -> Any:
+  """The single layer a bottleneck computes, as :func:`layer_matrix`'s patch-layout ``W``
+  ``(kh kw c_in [+1], d_out)`` (Dense: ``(d_in [+1], d_out)``): the three maps are linear.
+
+  Patch form: ``q_a w q_s^T``. Channel form: the kernel at offset o is
+  ``q_a[:c_in] w[o] q_s^T`` and the bias ``1/(kh kw) sum_o q_a[c_in] w[o] q_s^T`` (the
+  constant ``1/(kh kw)`` channel's contribution; exact when nothing is pruned). ``xp``:
+  ``jnp`` (differentiable) or ``np`` (on the host).
+  """
+  mm = (functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST) if xp is jnp
+        else np.matmul)
+  prod = mm(mm(b.q_a, b.w), b.q_s.T)           # (..., d_in [+1], d_out)
+  if np.ndim(b.w) == 2:
+    return prod
+  prod = prod.reshape((-1,) + prod.shape[-2:])  # (offsets, c_in [+1], d_out)
+  if not has_bias:
+    return prod.reshape(-1, prod.shape[-1])
+  return xp.concatenate([prod[:, :-1].reshape(-1, prod.shape[-1]),
+                         prod[:, -1].mean(axis=0, keepdims=True)], axis=0)
 
 
 def merge_bottlenecks(params: Any, bottlenecks: Mapping[str, Bottleneck | None],
                       has_bias: Mapping[str, bool] | None = None) -> Any:
-  """Params with each layer's kernel (and bias) replaced by ``q_a w q_s^T`` (differentiable).
+  """Params with each layer's kernel (and bias) replaced by its bottleneck's product
+  (:func:`bottleneck_matrix`; differentiable).
 
   The product runs the bottleneck exactly (the three maps are linear); fine-tune
   ``w`` through it (the paper keeps ``Q_A``, ``Q_S`` fixed). ``has_bias``: per layer,
@@ -597,7 +690,7 @@ def merge_bottlenecks(params: Any, bottlenecks: Mapping[str, Bottleneck | None],
     if n not in leaves:
       raise ValueError(f"bottlenecks: layer '{n}' is not a leaf of params")
     bias = (_bias_name(n) in leaves) if has_bias is None else bool(has_bias[n])
-    _set_layer(leaves, n, bias, _product(b.q_a, b.w, b.q_s))
+    _set_layer(leaves, n, bias, bottleneck_matrix(b, bias))
   return _rebuild(params, leaves)
 
 
@@ -607,7 +700,9 @@ def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float
   """EigenDamage: one-shot structured pruning in the Kronecker-factored eigenbasis (Wang 2019).
 
   Args:
-    params, factors: the model and its :func:`kron_factors`.
+    params, factors: the model and its :func:`kron_factors` (with ``conv_factor="channel"``
+      a conv becomes 1x1 -> kh x kw conv -> 1x1, the paper's conv bottleneck; with
+      ``"patch"`` a kh x kw conv -> 1x1 -> 1x1).
     sparsity: the fraction of all eigen-directions (input and output ones of every
       prunable layer together) removed by one global threshold on their importance.
     output_layer: the layer never factored (see :func:`prunable_layers`).
@@ -644,15 +739,17 @@ def eigendamage(params: Any, factors: Mapping[str, KronFactors], sparsity: float
     offset += d_in
     keep_out = _keep(np.asarray(imp_out), ~removed[offset:offset + d_out], max_layer_pruning)
     offset += d_out
-    b = Bottleneck(full.q_a[:, keep_in], full.w[np.ix_(keep_in, keep_out)], full.q_s[:, keep_out])
+    w = np.asarray(full.w)[..., keep_in, :][..., keep_out]
+    b = Bottleneck(np.asarray(full.q_a)[:, keep_in], w, np.asarray(full.q_s)[:, keep_out],
+                   full.in_positions)
     original = leaves[n].size + (d_out if factors[n].has_bias else 0)
     bottlenecks[n] = b if bottleneck_size(b) < original else None
     importances[n] = (imp_in, imp_out)
   for n, b in bottlenecks.items():   # the product on the host: no compile per bottleneck shape
     if b is not None:
-      _set_layer(leaves, n, factors[n].has_bias,
-                 np.asarray(b.q_a, np.float64) @ np.asarray(b.w, np.float64) @ np.asarray(
-                     b.q_s, np.float64).T)
+      b64 = b._replace(q_a=np.asarray(b.q_a, np.float64), w=np.asarray(b.w, np.float64),
+                       q_s=np.asarray(b.q_s, np.float64))
+      _set_layer(leaves, n, factors[n].has_bias, bottleneck_matrix(b64, factors[n].has_bias, np))
   return EigenDamageResult(_rebuild(params, leaves), bottlenecks, importances)
 
 
@@ -668,11 +765,16 @@ def _keep(importance: np.ndarray, kept: np.ndarray, max_pruning: float) -> np.nd
 def eigendamage_flops(layers: Sequence[flops_lib.LayerFlops],
                       bottlenecks: Mapping[str, Bottleneck | None]) -> list[flops_lib.LayerFlops]:
   """``layers`` (:func:`jaxsparse.analysis.flops.count_flops` of the dense model) with each
-  bottlenecked layer's cost replaced by its three maps' (same FLOPs convention).
+  bottlenecked layer's cost replaced by its three maps' (same FLOPs convention: 2 per
+  multiply-add, biases and bias rows not counted).
 
-  All three maps run at the layer's output positions: the first is the original conv with
-  ``k_in`` filters, the other two are 1x1, so ``kept = d_in k_in + k_in k_out + k_out d_out``
-  (the bias row is not counted, as biases never are).
+  Patch form (``w`` is ``(k_in, k_out)``): all three maps run at the layer's output positions
+  (the first is the original conv with ``k_in`` filters, the other two are 1x1), so
+  ``kept = d_in k_in + k_in k_out + k_out d_out``. Channel form (``w`` is
+  ``(kh, kw, k_in, k_out)``): the 1x1 ``q_a`` runs at the layer's ``in_positions``
+  (``c_in k_in`` each), the ``kh x kw`` conv ``k_in -> k_out`` and the 1x1 ``q_s^T`` at its
+  output positions: ``2 (in_positions c_in k_in + positions (kh kw k_in k_out + k_out d_out))``.
+  The counts assume ``count_flops`` used the calibration batches' input shape.
   """
   out = []
   for layer in layers:
@@ -680,17 +782,32 @@ def eigendamage_flops(layers: Sequence[flops_lib.LayerFlops],
     if b is None:
       out.append(layer)
       continue
-    d_in = math.prod(layer.kernel_shape[:-1])
-    k_in, k_out = b.w.shape
-    kept = d_in * k_in + k_in * k_out + k_out * layer.kernel_shape[-1]
-    out.append(layer._replace(kept=kept,
-                              sparse=flops_lib.FLOPS_PER_MAC * layer.positions * kept))
+    k_in, k_out = np.shape(b.w)[-2:]
+    d_out = layer.kernel_shape[-1]
+    if np.ndim(b.w) == 2:
+      d_in = math.prod(layer.kernel_shape[:-1])
+      kept = d_in * k_in + k_in * k_out + k_out * d_out
+      macs = layer.positions * kept
+    else:
+      if tuple(np.shape(b.w)[:-2]) != tuple(layer.kernel_shape[:-2]):
+        raise ValueError(f"bottlenecks['{layer.name}']: w has shape {np.shape(b.w)} but the "
+                         f"layer's kernel is {layer.kernel_shape}")
+      if isinstance(b.in_positions, bool) or not isinstance(
+          b.in_positions, (int, np.integer)) or b.in_positions < 1:
+        raise ValueError(f"bottlenecks['{layer.name}']: a channel-form bottleneck needs "
+                         f"in_positions >= 1 (the layer's input positions), got {b.in_positions!r}")
+      first = layer.kernel_shape[-2] * k_in
+      rest = math.prod(np.shape(b.w)[:-2]) * k_in * k_out + k_out * d_out
+      kept = first + rest
+      macs = int(b.in_positions) * first + layer.positions * rest
+    out.append(layer._replace(kept=int(kept), sparse=flops_lib.FLOPS_PER_MAC * int(macs)))
   return out
 
 
 __all__ = [
-    "KronFactors", "Bottleneck", "KronPruneResult", "EigenDamageResult", "kron_factors",
-    "check_damping", "damped_factors", "layer_matrix", "kron_obd_scores", "kron_obs_scores",
-    "kron_obs_update", "filter_score_tree", "output_kernel", "prunable_layers", "kron_prune",
-    "eigenbasis", "bottleneck_size", "merge_bottlenecks", "eigendamage", "eigendamage_flops",
+    "CONV_FACTORS", "KronFactors", "Bottleneck", "KronPruneResult", "EigenDamageResult",
+    "kron_factors", "check_damping", "damped_factors", "layer_matrix", "kron_obd_scores",
+    "kron_obs_scores", "kron_obs_update", "filter_score_tree", "output_kernel", "prunable_layers",
+    "kron_prune", "eigenbasis", "bottleneck_size", "bottleneck_matrix", "merge_bottlenecks",
+    "eigendamage", "eigendamage_flops",
 ]

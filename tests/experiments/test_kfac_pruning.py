@@ -42,3 +42,5 @@ def test_bad_arguments_are_named():
     kp.main(["--out-dir", "unused", "--flops-reduction", "0.5"])
   with pytest.raises(ValueError, match="damping must be a finite number > 0"):
     kp.main(["--out-dir", "unused", "--damping", "0"])
+  with pytest.raises(ValueError, match="--eigen-conv-factor must be one of patch, channel"):
+    kp.main(["--out-dir", "unused", "--eigen-conv-factor", "patches"])

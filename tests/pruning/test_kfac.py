@@ -274,3 +274,84 @@ def test_bad_inputs_name_the_argument(tiny):
     js.kron_prune(params, f, 0.3, criterion="obq")
   with pytest.raises(ValueError, match="max_layer_pruning must be in"):
     js.eigendamage(params, f, 0.3, max_layer_pruning=1.0)
+
+
+# ------------------------------------------------------------------ EigenDamage, channel factors
+
+
+@pytest.fixture(scope="module")
+def tiny_channel(tiny):
+  """The tiny ConvNet's factors with the conv's input factor over channels (the paper's)."""
+  net, params, batch, _ = tiny
+  return kfac.kron_factors(_sq_loss(net), params, batch, conv_factor="channel")
+
+
+def _np_conv(x, w):
+  """VALID, stride 1 conv of NHWC ``x`` with an HWIO ``w``, from the definition."""
+  k = w.shape[0]
+  return _np_patches(x, k, 1, "VALID") @ w.reshape(-1, w.shape[-1])   # (N, positions, O)
+
+
+def test_channel_factors_match_numpy_pooled_over_positions_and_offsets(tiny, tiny_channel):
+  net, params, (x, t), f = tiny
+  fc = tiny_channel
+  c = fc["conv/kernel"]
+  assert c.window == (2, 2) and c.in_positions == 25 and c.has_bias and c.a.shape == (3, 3)
+  rows = _np_patches(x, 2, 1, "VALID").reshape(-1, 2)           # one row per (n, t, offset)
+  rows = np.concatenate([rows, np.full((len(rows), 1), 1 / 4)], -1)   # bias input 1/(kh kw)
+  np.testing.assert_allclose(c.a, rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(c.s, f["conv/kernel"].s, rtol=1e-5, atol=1e-6)   # S unchanged
+  np.testing.assert_allclose(fc["fc/kernel"].a, f["fc/kernel"].a, rtol=1e-5, atol=1e-6)
+  assert fc["fc/kernel"].window == () and fc["fc/kernel"].in_positions == 0
+  # Importances: OBD in the KFE of I (x) A (x) S, summed over the kernel offsets.
+  w = np.asarray(kfac.layer_matrix(params, "conv/kernel", c), np.float64)   # (4, 3, 8)
+  np.testing.assert_array_equal(w[:, 2], np.broadcast_to(params["conv"]["bias"], (4, 8)))
+  la, qa = np.linalg.eigh(np.asarray(c.a, np.float64))
+  ls, qs = np.linalg.eigh(np.asarray(c.s, np.float64))
+  imp = (0.5 * (qa.T @ w @ qs) ** 2 * np.outer(la, ls)).sum(0)
+  full, imp_in, imp_out = kfac.eigenbasis(params, {"conv/kernel": c})["conv/kernel"]
+  assert full.w.shape == (2, 2, 3, 8) and full.in_positions == 25
+  np.testing.assert_allclose(imp_in, imp.sum(1), rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose(imp_out, imp.sum(0), rtol=1e-3, atol=1e-7)
+  with pytest.raises(ValueError, match="factors\\['conv/kernel'\\] are channel factors"):
+    js.kron_obd_scores(params, {"conv/kernel": c})
+
+
+def test_channel_bottleneck_is_one_conv_exact_unpruned(tiny, tiny_channel):
+  net, params, (x, t), _ = tiny
+  fc = tiny_channel
+  full = kfac.eigenbasis(params, fc)["conv/kernel"][0]
+  conv = nn.Conv(8, (2, 2), padding="VALID")
+  run = lambda p: np.asarray(conv.apply({"params": p["conv"]}, x)).reshape(len(x), -1, 8)
+  merged = kfac.merge_bottlenecks(params, {"conv/kernel": full})
+  np.testing.assert_allclose(run(merged), run(params), rtol=1e-4, atol=1e-5)   # Q_A W' Q_S^T = W
+  # Keep some directions: 1x1 q_a (with the constant 1/4 channel) -> 2x2 conv w -> 1x1 q_s^T.
+  b = kfac.Bottleneck(full.q_a[:, [0, 2]], full.w[:, :, [0, 2]][..., [1, 4, 6]],
+                      full.q_s[:, [1, 4, 6]], 25)
+  h = np.concatenate([x, np.full(x.shape[:3] + (1,), 1 / 4)], -1) @ b.q_a
+  three_maps = _np_conv(h, b.w) @ b.q_s.T
+  np.testing.assert_allclose(run(kfac.merge_bottlenecks(params, {"conv/kernel": b})), three_maps,
+                             rtol=1e-4, atol=1e-5)
+  res = js.eigendamage(params, fc, 0.75, max_layer_pruning=0.9)   # 8 of 11 directions go
+  rb = res.bottlenecks["conv/kernel"]
+  k_in, k_out = rb.w.shape[2:]
+  assert rb.w.shape[:2] == (2, 2) and k_in + k_out == 3
+  assert kfac.bottleneck_size(rb) == 3 * k_in + 4 * k_in * k_out + 8 * k_out < 2 * 2 * 2 * 8 + 8
+  h = np.concatenate([x, np.full(x.shape[:3] + (1,), 1 / 4)], -1) @ rb.q_a
+  np.testing.assert_allclose(run(res.params), _np_conv(h, rb.w) @ rb.q_s.T, rtol=1e-4, atol=1e-5)
+  layers = kfac.eigendamage_flops(js.count_flops(net, params, (5, 5, 2)), res.bottlenecks)
+  assert layers[0].sparse == 2 * (25 * 2 * k_in + 16 * (4 * k_in * k_out + k_out * 8))
+
+
+def test_channel_bottleneck_flops_by_hand_and_bad_options():
+  # LeNet-5-Caffe's conv2 (5x5, 20 -> 50, 12x12 -> 8x8) as 1x1 20->4, 5x5 4->6, 1x1 6->50.
+  conv2 = js.analysis.flops.LayerFlops("conv2/kernel", "Conv", (5, 5, 20, 50), 64, 25_000,
+                                       3_200_000, 3_200_000)
+  b = kfac.Bottleneck(np.zeros((21, 4)), np.zeros((5, 5, 4, 6)), np.zeros((50, 6)), 144)
+  (got,) = kfac.eigendamage_flops([conv2], {"conv2/kernel": b})
+  assert got.sparse == 2 * (144 * 20 * 4 + 64 * (25 * 4 * 6 + 6 * 50)) == 138_240
+  assert got.kept == 20 * 4 + 25 * 4 * 6 + 6 * 50
+  with pytest.raises(ValueError, match="bottlenecks\\['conv2/kernel'\\].*in_positions"):
+    kfac.eigendamage_flops([conv2], {"conv2/kernel": b._replace(in_positions=0)})
+  with pytest.raises(ValueError, match="conv_factor must be one of \\('patch', 'channel'\\)"):
+    kfac.kron_factors(lambda p, b: 0.0, {}, (np.zeros((2, 1)),), conv_factor="patches")
