@@ -19,8 +19,6 @@ Storage of the result (codebook, cluster indices, relative positions, Huffman co
 
 from __future__ import annotations
 
-import functools
-
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -100,17 +98,8 @@ def kmeans_1d(weights: jax.Array, kept: jax.Array, num_clusters: int, *,
   """
   _check_int(num_clusters, "num_clusters", 1)
   _check_int(iterations, "iterations", 1)
-  kept = jnp.broadcast_to(jnp.asarray(kept, bool), jnp.shape(weights))
-  return _kmeans_1d(jnp.asarray(weights), kept, int(num_clusters), int(iterations))
-
-
-# One compilation per shape and cluster count (run op by op, the Lloyd loop compiled again at
-# every call: ~4 s per LeNet-300-100 layer on CPU).
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _kmeans_1d(weights: jax.Array, kept: jax.Array, num_clusters: int, iterations: int
-               ) -> tuple[jax.Array, jax.Array]:
   w = jnp.asarray(weights, jnp.float32).ravel()
-  kept = kept.ravel()
+  kept = jnp.broadcast_to(jnp.asarray(kept, bool), jnp.shape(weights)).ravel()
   lo = jnp.min(jnp.where(kept, w, jnp.inf))
   hi = jnp.max(jnp.where(kept, w, -jnp.inf))
   any_kept = jnp.any(kept)
