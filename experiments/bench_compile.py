@@ -10,10 +10,16 @@ for ResNet-20) and measures, in one process:
   ``--repeats`` runs, the methods interleaved in a shuffled order at every repeat,
   ``jax.clear_caches()`` before each so that every run compiles from scratch);
 * the StableHLO op count of the step lowered for this backend and for CUDA (lowering
-  for CUDA needs no GPU), against the dense step's.
+  for CUDA needs no GPU), against the dense step's;
+* with ``--llvm-modules`` (CPU), how many LLVM modules XLA:CPU compiles for the step (one
+  per kernel: a fusion, a scatter, an integer dot, ...) and their summed codegen time, read
+  from XLA's own log in a child process per step. Most of a CPU compile is this codegen, at
+  ~10-30 ms a module whatever its size, so the module count predicts compile time and,
+  unlike seconds, does not change with the machine's load: a change meant to cut compile
+  time can be checked by it in one run.
 
   python -m experiments.bench_compile [--models lenet300 resnet20 mlp10m] [--methods set rigl dsr]
-      [--repeats 3] [--out results/bench_compile.json]
+      [--repeats 3] [--llvm-modules] [--out results/bench_compile.json]
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import contextlib
 import json
 import os
 import random
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -140,16 +149,70 @@ def _measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
   return row
 
 
+_MODULE_LINE = re.compile(r"Compiled LLVM module: (\S+) time: ([\d.]+) (us|ms|s)\b")
+_MARKER = "bench_compile: compiling now"
+
+
+def _child_compile(model_name: str, method: str) -> None:
+  """In a child process: build and lower the step, then print a marker and compile it."""
+  step, args = train_step(model_name, make_method(method))
+  with no_persistent_cache():
+    lowered = jax.jit(step).trace(*args).lower()
+    print(_MARKER, file=sys.stderr, flush=True)
+    lowered.compile()
+
+
+def llvm_modules(model_name: str, method: str) -> dict:
+  """``{"modules": n, "codegen_s": t}``: the LLVM modules XLA:CPU compiles for the step of
+  ``method`` on ``model_name``, counted from XLA's compiler log (``ir_compiler`` at
+  verbosity 1) in a child process that compiles only that step, from scratch.
+
+  Raises:
+    RuntimeError: when the child fails or its log holds no module line (another XLA version
+      may log differently).
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=1",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                 [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  code = ("from experiments import bench_compile as b; "
+          f"b._child_compile({model_name!r}, {method!r})")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                        text=True)
+  log = proc.stderr.split(_MARKER, 1)
+  if proc.returncode or len(log) != 2:
+    raise RuntimeError(f"compiling {model_name}/{method} in a child process failed "
+                       f"(rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+  scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+  found = _MODULE_LINE.findall(log[1])
+  if not found:
+    raise RuntimeError("XLA's log held no 'Compiled LLVM module' line: this jaxlib's XLA:CPU "
+                       "logs its modules differently; --llvm-modules cannot count them")
+  return {"modules": len(found), "codegen_s": sum(float(t) * scale[u] for _, t, u in found)}
+
+
 def markdown(rows: list[dict]) -> str:
-  cells = [[r["model"], n, f"{m['lower_s']:.2f}", f"{m['compile_s']:.2f}",
-            f"{m['compile_ratio']:.1f}x", f"{m['total_ratio']:.1f}x", f"{m['ops']:,}",
-            f"{m['cuda_ops']:,}"] for r in rows for n, m in r["methods"].items()]
-  out = [common.markdown_table(
-      ["model", "step", "trace+lower (s)", "compile (s)", "compile / dense",
-       "(trace+lower+compile) / dense", "StableHLO ops (here)", "ops lowered for CUDA"], cells)]
+  modules = all("modules" in m for r in rows for m in r["methods"].values())
+  cells = []
+  for r in rows:
+    dense = r["methods"]["dense"]
+    for n, m in r["methods"].items():
+      cells.append([r["model"], n, f"{m['lower_s']:.2f}", f"{m['compile_s']:.2f}",
+                    f"{m['compile_ratio']:.1f}x", f"{m['total_ratio']:.1f}x", f"{m['ops']:,}",
+                    f"{m['cuda_ops']:,}"])
+      if modules:
+        cells[-1] += [f"{m['modules']:,}", f"{m['modules'] / dense['modules']:.1f}x",
+                      f"{m['codegen_s']:.2f}"]
+  head = ["model", "step", "trace+lower (s)", "compile (s)", "compile / dense",
+          "(trace+lower+compile) / dense", "StableHLO ops (here)", "ops lowered for CUDA"]
+  if modules:
+    head += ["LLVM modules", "modules / dense", "LLVM codegen (s, summed)"]
+  out = [common.markdown_table(head, cells)]
   r0 = rows[0]
   out.append(f"\n{r0['backend']} ({r0['device']}), jax {r0['jax_version']}, median of "
-             f"{r0['repeats']} compiles from scratch per step, interleaved.")
+             f"{r0['repeats']} compiles from scratch per step, interleaved"
+             + ("; LLVM modules from one more compile of each step in a child process "
+                "(it inherits XLA_FLAGS)." if modules else "."))
   return "\n".join(out)
 
 
@@ -160,13 +223,20 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--methods", nargs="+", default=["static", "set", "rigl", "dsr"],
                  choices=list(METHODS))
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--llvm-modules", action="store_true",
+                 help="also count the LLVM modules XLA:CPU compiles per step (CPU only)")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.llvm_modules and jax.default_backend() != "cpu":
+    p.error(f"--llvm-modules counts XLA:CPU's modules; this backend is {jax.default_backend()}")
   rows = []
   for m in args.models:
     rows.append(measure(m, tuple(args.methods), args.repeats))
+    if args.llvm_modules:
+      for name, row in rows[-1]["methods"].items():
+        row.update(llvm_modules(m, name))
     print(json.dumps(rows[-1]), flush=True)
   print(markdown(rows))
   if args.out:

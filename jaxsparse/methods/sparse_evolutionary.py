@@ -58,8 +58,12 @@ def set_drop_each(values: Sequence[jax.Array], drop_fraction: jax.Array) -> list
   sizes = [v.shape[0] for v in values]
   vals = _concat(values)
   pos, neg = vals > 0, vals < 0
-  k = jnp.floor(drop_fraction * topk.count_true_each([s for v in values for s in (v > 0, v < 0)]))
   groups = jnp.asarray(np.repeat(2 * np.arange(len(sizes)), sizes), jnp.int32) + neg
+  # n_pos and n_neg of every layer in one scatter-add (a count per array would be 2 kernels
+  # each to compile)
+  counts = jnp.zeros(2 * len(sizes), jnp.int32).at[groups].add((pos | neg).astype(jnp.int32),
+                                                               mode="promise_in_bounds")
+  k = jnp.floor(drop_fraction * counts)
   drop = topk.smallest_k_per_group(jnp.abs(vals), groups, k.astype(jnp.int32), pos | neg)
   return _split(drop | (vals == 0), sizes)
 
@@ -127,12 +131,14 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   sizes = [a.shape[0] for a in actives]
   drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], drop_fraction)
   kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
-  n_grow = topk.count_true_each(drops)
+  drop = _concat(drops)
+  leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+  n_grow = jnp.zeros(len(sizes), jnp.int32).at[leaf].add(drop.astype(jnp.int32),
+                                                          mode="promise_in_bounds")
   grown = topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes)
   # The j-th dropped slot of layer l takes layer l's j-th grown position.
-  drop, grown_all = _concat(drops), _concat(grown)
+  grown_all = _concat(grown)
   dropped_before = topk.prefix_sum(n_grow) - n_grow
-  leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
   slot_start = jnp.asarray(np.repeat(np.cumsum(sizes) - sizes, sizes), jnp.int32)
   j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - dropped_before.at[leaf].get(
       mode="promise_in_bounds")

@@ -291,3 +291,40 @@ def test_per_array_selections_name_their_bad_arguments():
     topk.count_true_each([valid[0], xs[1]])
   with pytest.raises(ValueError, match="xs: count_true_each takes one or more arrays"):
     topk.count_true_each([])
+
+
+# Several arrays of one shape (a network's repeated layers): each keeps its own k, its own
+# ties and its place in the global order.
+SAME_SHAPES = [(4, 5), (4, 5), (7,), (4, 5)]
+_global = jax.jit(topk.smallest_k_masks)
+
+
+@given(st.lists(st.sampled_from([-1.0, 0.0, 0.5]) | st.floats(-4, 4, width=32),
+                min_size=67, max_size=67),
+       st.lists(st.integers(0, 25), min_size=4, max_size=4), st.integers(0, 80),
+       st.integers(0, 2**31 - 1))
+def test_same_shaped_arrays_select_as_if_apart(values, ks, k_all, seed):
+  flat = np.asarray(values, np.float32) + 0.0
+  ends = np.cumsum([int(np.prod(s)) for s in SAME_SHAPES])
+  xs = [flat[e - int(np.prod(s)):e].reshape(s) for s, e in zip(SAME_SHAPES, ends)]
+  rng = np.random.default_rng(seed)
+  valid = [rng.random(s) < 0.8 for s in SAME_SHAPES]
+  jx, jv, jk = [jnp.asarray(x) for x in xs], [jnp.asarray(v) for v in valid], jnp.asarray(ks)
+  for got, sign in ((_each(jx, jk, jv), 1), (_largest_each(jx, jk, jv), -1)):
+    for x, v, k, g in zip(xs, valid, ks, got):
+      want = reference_smallest(sign * x.reshape(-1), k, v.reshape(-1)).reshape(x.shape)
+      np.testing.assert_array_equal(np.asarray(g), want)
+  # One k over all arrays: ties go to the earlier array, then the lower flat index.
+  want = reference_smallest(flat, k_all, np.concatenate([v.reshape(-1) for v in valid]))
+  got = _global(jx, k_all, jv)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g).reshape(-1) for g in got]), want)
+  got = _global(jx, k_all)  # no validity given
+  want = reference_smallest(flat, k_all, np.ones(flat.size, bool))
+  np.testing.assert_array_equal(np.concatenate([np.asarray(g).reshape(-1) for g in got]), want)
+  # Random masks: each array's k smallest of its slice of one draw of 32-bit keys.
+  key = jax.random.key(seed)
+  bits = np.asarray(jax.random.bits(key, (flat.size,), jnp.uint32))
+  for i, r in enumerate(_random_each(key, jk, jv)):
+    b = bits[ends[i] - valid[i].size:ends[i]]
+    want = reference_smallest(b.astype(np.float64), ks[i], valid[i].reshape(-1))
+    np.testing.assert_array_equal(np.asarray(r).reshape(-1), want)

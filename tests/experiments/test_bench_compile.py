@@ -44,3 +44,19 @@ def test_timed_compiles_skip_the_persistent_cache(tmp_path):
     for n, v in old.items():
       jax.config.update(n, v)
     compilation_cache.reset_cache()
+
+
+def test_counts_the_llvm_modules_of_a_step_in_a_child_process():
+  import pytest
+
+  dense = bench_compile.llvm_modules("lenet300", "dense")
+  # LeNet-300-100's dense step: forward, backward and the SGD update are a few dozen kernels
+  assert 10 <= dense["modules"] <= 200 and dense["codegen_s"] > 0, dense
+  with pytest.raises(RuntimeError, match="lenet300/nope in a child process failed"):
+    bench_compile.llvm_modules("lenet300", "nope")
+  row = {"model": "m", "backend": "cpu", "device": "cpu", "jax_version": "x", "repeats": 1,
+         "methods": {n: dict(lower_s=1.0, compile_s=1.0, compile_ratio=1.0, total_ratio=1.0,
+                             ops=1, cuda_ops=1, modules=m, codegen_s=0.5)
+                     for n, m in (("dense", 20), ("set", 70))}}
+  table = bench_compile.markdown([row])
+  assert "| LLVM modules | modules / dense |" in table and "| 70 | 3.5x | 0.50 |" in table

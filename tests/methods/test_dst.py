@@ -170,6 +170,30 @@ def test_apportion_properties(total, shares, caps):
     assert np.all(np.abs(got - quota) < 1 + 1e-3)
 
 
+_ranks = jax.jit(dst._stable_ranks)
+
+
+@given(st.lists(st.sampled_from([-1.0, -0.0, 0.0, 0.25, 2.0])
+                | st.floats(-3, 3, width=32, allow_subnormal=False), min_size=12, max_size=12))
+def test_stable_ranks_are_a_stable_argsort(values):
+  # apportion's largest-remainder ranks: position in a stable ascending sort, ties (and
+  # -0.0 == 0.0, as in jnp.argsort) to the lower index. (XLA:CPU flushes subnormals to zero
+  # in comparisons, in jnp.argsort as here; numpy does not.)
+  x = np.asarray(values, np.float32)
+  want = np.empty(x.size, np.int64)
+  want[np.argsort(x + 0.0, kind="stable")] = np.arange(x.size)
+  np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(x))), want)
+  by_argsort = jnp.zeros(x.size, jnp.int32).at[jnp.argsort(jnp.asarray(x), stable=True)].set(
+      jnp.arange(x.size, dtype=jnp.int32))
+  np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(x))), np.asarray(by_argsort))
+
+
+def test_apportion_compiles_without_sorts_or_scatters():
+  # a mask update's compile time goes by XLA kernels; sorts and scatters each start new ones
+  text = apportion.lower(10, jnp.ones(5), jnp.full(5, 4)).compile().as_text()
+  assert " sort(" not in text and " scatter(" not in text
+
+
 # ---------------------------------------------------------------- DSR threshold dynamics
 
 @pytest.mark.parametrize("h0", [1e-3, 1.0])
