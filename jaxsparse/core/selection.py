@@ -540,12 +540,16 @@ def _random_positions_jit(key, k, allowed, *, sizes):
     local_index = jnp.arange(offsets[-1], dtype=jnp.int32) - jnp.asarray(offsets[:-1], jnp.int32
                                                                         ).at[leaf].get()
     *_, idx = lax.sort((leaf, ~flat, bits, local_index), num_keys=3)
-    out = []
-    for i, (o, s) in enumerate(zip(offsets[:-1], sizes)):
-      chosen = idx[o:o + min(s, n[i])]
-      chosen = jnp.pad(chosen, (0, s - chosen.shape[0]), constant_values=n[i])
-      out.append(jnp.where(jnp.arange(s) < k[i], chosen, n[i]))
-    return jnp.concatenate(out) if len(out) > 1 else out[0]
+    # Slot j of array i takes the j-th entry of its sorted range while j < min(k[i], n[i]),
+    # else the filler: one gather over all slots (static indices), not a slice per array.
+    slot_leaf = np.repeat(np.arange(len(n)), sizes)
+    j = np.arange(slot_starts[-1]) - slot_starts[:-1][slot_leaf]
+    in_range = j < n[slot_leaf]
+    chosen = idx.at[jnp.asarray(np.where(in_range, offsets[:-1][slot_leaf] + j, 0), jnp.int32)].get(
+        mode="promise_in_bounds")
+    take = jnp.asarray(in_range) & (jnp.asarray(j, jnp.int32) < k.at[slot_leaf].get(
+        mode="promise_in_bounds"))
+    return jnp.where(take, chosen, filler)
 
   slots = lax.cond(jnp.all(at_end >= k), fast, exact)
   return [slots[a:b] for a, b in zip(slot_starts[:-1], slot_starts[1:])]
