@@ -240,12 +240,20 @@ def grow_momentum() -> GrowRule:
 
 # ---------------------------------------------------------------------------- redistribution
 
+_PAIRWISE_RANKS_MAX = 128  # above: apportion's n + 1 rounds of n**2 compares would cost more
+
+
 def _stable_ranks(key: jax.Array) -> jax.Array:
   """Each entry's position in a stable ascending sort of ``key`` (ties: lower index first):
-  how many keys are smaller, plus how many equal ones come before it. All pairs are
-  compared: the vector has one entry per leaf, and this is a few fused kernels where an
-  argsort and a scatter were ~10 (a mask update's compile time goes by kernels)."""
-  i = jnp.arange(key.shape[0])
+  how many keys are smaller, plus how many equal ones come before it. Up to
+  ``_PAIRWISE_RANKS_MAX`` entries (one per leaf) all pairs are compared: a few fused kernels
+  where an argsort and a scatter were ~10 (a mask update's compile time goes by kernels);
+  beyond, an argsort, whose work grows as n log n."""
+  n = key.shape[0]
+  if n > _PAIRWISE_RANKS_MAX:
+    order = jnp.argsort(key, stable=True)
+    return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  i = jnp.arange(n)
   before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (i[None, :] < i[:, None]))
   return jnp.sum(before, axis=1, dtype=jnp.int32)
 

@@ -188,6 +188,18 @@ def test_stable_ranks_are_a_stable_argsort(values):
   np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(x))), np.asarray(by_argsort))
 
 
+def test_stable_ranks_of_many_leaves_sort_instead():
+  # past _PAIRWISE_RANKS_MAX entries the ranks come from an argsort: the same ranks
+  rng = np.random.default_rng(0)
+  x = rng.choice([0.0, 0.5, 1.0], dst._PAIRWISE_RANKS_MAX + 50).astype(np.float32)
+  want = np.empty(x.size, np.int64)
+  want[np.argsort(x, kind="stable")] = np.arange(x.size)
+  np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(x))), want)
+  small = x[:dst._PAIRWISE_RANKS_MAX]                        # the pairwise path, same ties
+  np.testing.assert_array_equal(np.asarray(_ranks(jnp.asarray(small))),
+                                np.argsort(np.argsort(small, kind="stable"), kind="stable"))
+
+
 def test_apportion_compiles_without_sorts_or_scatters():
   # a mask update's compile time goes by XLA kernels; sorts and scatters each start new ones
   text = apportion.lower(10, jnp.ones(5), jnp.full(5, 4)).compile().as_text()
