@@ -65,16 +65,20 @@ def _per_element(values: jax.Array, group: jax.Array | None) -> jax.Array:
   return jnp.where(group == 1, values[-1], values[0])
 
 
-def _histogram(digits: list[jax.Array], groups: list, weights: list[jax.Array],
+def _histogram(digits: list[jax.Array], groups: list, counted: list[jax.Array],
                num_groups: int) -> jax.Array:
-  """int32[G, 65536]: ``weights`` summed per (group, 16-bit digit), one scatter-add per array.
+  """int32[G, 65536]: how many ``counted`` entries fall in each (group, 16-bit digit), one
+  scatter-add per array.
 
+  The entries not counted go to a bin past the end, which the scatter drops: its updates are
+  then a constant 1, and each array's indices one kernel (not two, indices and weights).
   The arrays keep their shapes (no flattening), so sharded inputs stay sharded;
   under SPMD each device fills the histogram of its shard and XLA adds them.
   """
   h = jnp.zeros(num_groups * _BINS, jnp.int32)
-  for d, g, w in zip(digits, groups, weights):
-    h = h.at[d if g is None else g * _BINS + d].add(w, mode="promise_in_bounds")
+  for d, g, c in zip(digits, groups, counted):
+    h = h.at[jnp.where(c, d if g is None else g * _BINS + d, num_groups * _BINS)].add(
+        1, mode="drop")
   return h.reshape(num_groups, _BINS)
 
 
@@ -384,20 +388,19 @@ def _select(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Ar
   if offsets[-1] > np.iinfo(np.uint32).max:
     raise ValueError(f"scores: at most 2**32 entries in all, got {offsets[-1]}")
   idx = [_flat_index(x.shape, int(o)) for x, o in zip(keys, offsets)]
-  ones = [ok.astype(jnp.int32) for ok in oks]
   fixed_key = jnp.asarray(_PASS_FIXED_KEY, jnp.uint32)
   fixed_index = jnp.asarray(_PASS_FIXED_INDEX, jnp.uint32)
 
   def body(carry):
     p, t_key, t_index, k_rem, k_all, fits = carry
     shift = jnp.where(p % 2 == 0, 16, 0).astype(jnp.uint32)
-    digits, weights = [], []
-    for key, i, g, one in zip(keys, idx, groups, ones):
+    digits, counted = [], []
+    for key, i, g, ok in zip(keys, idx, groups, oks):
       match = (((key ^ _per_element(t_key, g)) & fixed_key[p]) == 0) & (
           ((i ^ _per_element(t_index, g)) & fixed_index[p]) == 0)
       digits.append(((jnp.where(p < 2, key, i) >> shift) & 0xFFFF).astype(jnp.int32))
-      weights.append(one * match)
-    h = _histogram(digits, groups, weights, num_groups)
+      counted.append(ok & match)
+    h = _histogram(digits, groups, counted, num_groups)
     b, below, k_clipped = _bucket_of_kth(h, k_rem, cpu)
     k_all = jnp.where(p == 0, k_clipped, k_all)
     need = k_clipped - below

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import functools
 import warnings
 
 import jax
@@ -64,6 +65,7 @@ import optax
 from jax import lax
 
 from jaxsparse.core import masks as masks_lib
+from jaxsparse.core import selection as topk
 from jaxsparse.core.masks import Masks, Params
 
 
@@ -120,6 +122,8 @@ class MaskUpdateInputs(NamedTuple):
   aux: Any             # method-specific state
   inner_state: optax.OptState  # inner optimizer state before this step
   updates: Params      # the inner optimizer's update of this step (from the masked gradient)
+  shapes: Any = None   # the params' shapes and dtypes (jax.ShapeDtypeStruct leaves): with
+                       # sparse_transform(flat_update=True) the arrays above may come flattened
 
 
 class MaskUpdate(NamedTuple):
@@ -280,7 +284,8 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
                      update_masks: UpdateMasks | None,
                      is_update_step: Callable[[jax.Array], jax.Array],
                      track: Track | None = None, grow_values: bool | str = False,
-                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                     flat_update: bool = False, seed: int = 0
+                     ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that it trains only the weights the masks keep.
 
   Args:
@@ -302,6 +307,11 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
       survivor, or the value in units), at no cost off update steps; the unit
       must come from the state, not from a reduction over the draws (a
       reduction in the update branch costs at every step on CPU, taken or not).
+    flat_update: whether ``update_masks`` may see the leaves flattened (row-major, so flat
+      indices are unchanged): its ``params``, ``grads``, ``masks`` and ``updates`` then come
+      1-D on CPU (faster to compile there; ``MaskUpdateInputs.shapes`` has the shapes), and
+      its masks, survivors and values are read back in the leaves' shapes. For methods
+      whose update does not depend on the leaves' shapes; the results are the same.
     seed: seed of the method's PRNG key.
   """
   if not isinstance(inner, optax.GradientTransformation):
@@ -325,62 +335,94 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     masks = state.masks
     grads = updates
     health = healthy() if state.health is None else state.health
-    # After the first step every removed weight must be zero on entry, since the previous
-    # step's output zeroed it; if not, something after the method changed the updates.
-    # Such a leak persists (the next outputs are changed the same way), so it is looked
-    # for at mask-update steps only, where the pass costs little next to the update; a
-    # pass at every step cost 10% of a scanned LeNet-300-100 step, a cond 3%. With fixed
-    # masks, the reports (js.summary, js.sparsity) find it.
-    leaks = lambda: (state.count > 0) & _any_stray(params, masks)
     aux = state.aux if track is None else track(state.aux, grads, masks)
     new_masks, survivors, values = masks, masks, None
     if update_masks is not None:
-
-      def do_update(masks, aux):
-        cand = masks_lib.apply_masks(params, masks)
-        active_grads = masks_lib.apply_masks(grads, masks)
-        # The inner update as it would be with the old masks (DeepR's sign test needs
-        # it); XLA drops it for methods that do not look at it.
-        planned, _ = inner.update(active_grads, state.inner_state, params, **extra_args)
-        inputs = MaskUpdateInputs(step=state.count, key=jax.random.fold_in(state.key, state.count),
-                                  params=cand, grads=grads, masks=masks, aux=aux,
-                                  inner_state=state.inner_state, updates=planned)
-        new = update_masks(inputs)
-        # Only what the method trains has to be finite: a NaN gradient at a removed
-        # weight (e.g. the derivative of a norm at zero) must not block the update.
-        ok = _all_finite(cand, active_grads)  # else skipped (and retried): masks, aux unchanged
-        keep_old = lambda n, o: jnp.where(ok, n, o)
-        new_masks = jax.tree.map(keep_old, new.masks, masks)
-        survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
-                                 new.masks, masks)
-        out = (new_masks, survivors, jax.tree.map(keep_old, new.aux, aux), ok, leaks())
-        if not grow_values:
-          return out
-        if new.values is None or (grow_values == "int8" and new.units is None):
-          raise ValueError(f"update_masks: built with grow_values={grow_values!r} but returned "
-                           "no values" + (" or units" if grow_values == "int8" else ""))
-        grown = jax.tree.map(lambda n, s: n & ~s, new_masks, survivors)
-        if grow_values == "int8":
-          return out[:1] + (_encode(survivors, grown, new.values, new.units),) + out[2:]
-        return out + (jax.tree.map(
-            lambda v, g, p: (jnp.where(g, v, 0).astype(jnp.result_type(p)) if jnp.ndim(g)
-                             else jnp.zeros([], jnp.result_type(p))), new.values, grown, params),)
-
-      def no_update(masks, aux):
-        out = (masks, masks, aux, jnp.bool_(True), jnp.bool_(False))
-        if grow_values == "int8":
-          return out[:1] + (_encode(masks, None, None, None),) + out[2:]
-        if grow_values:
-          return out + (jax.tree.map(lambda m, p: jnp.zeros(jnp.shape(p) if jnp.ndim(m) else (),
-                                                            jnp.result_type(p)), masks, params),)
-        return out
-
-      # Only the masks (and the survivors, or their int8 codes with the values of grown
-      # weights) go through the cond: passing the optimizer state through it would copy
-      # that state on every step.
+      shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
+                            params)
+      leaf_shapes = [s.shape for s in jax.tree.leaves(shapes)]
       due = is_update_step(state.count) | health.pending
-      new_masks, survivors, aux, ok, leaked, *rest = lax.cond(due, do_update, no_update, masks,
-                                                              aux)
+
+      def run(masks, aux, flat):
+        """The mask update under its cond; ``flat``: on flattened leaves (see below)."""
+        to_flat = (lambda t: jax.tree.map(lambda x: x.reshape(-1) if jnp.ndim(x) else x, t)
+                   ) if flat else (lambda t: t)
+        def back(t):    # a tree like the params, its leaves back in their shapes
+          if not flat:
+            return t
+          leaves, treedef = jax.tree.flatten(t)
+          return jax.tree.unflatten(treedef, [x.reshape(s) if jnp.ndim(x) else x
+                                              for x, s in zip(leaves, leaf_shapes, strict=True)])
+        params_, grads_ = to_flat(params), to_flat(grads)
+
+        def do_update(masks, aux):
+          cand = masks_lib.apply_masks(params_, masks)
+          active_grads = masks_lib.apply_masks(grads_, masks)
+          # The inner update as it would be with the old masks (DeepR's sign test needs
+          # it); XLA drops it for methods that do not look at it.
+          planned, _ = inner.update(masks_lib.apply_masks(grads, back(masks)), state.inner_state,
+                                    params, **extra_args)
+          inputs = MaskUpdateInputs(step=state.count,
+                                    key=jax.random.fold_in(state.key, state.count),
+                                    params=cand, grads=grads_, masks=masks, aux=aux,
+                                    inner_state=state.inner_state, updates=to_flat(planned),
+                                    shapes=shapes)
+          new = update_masks(inputs)
+          # Only what the method trains has to be finite: a NaN gradient at a removed
+          # weight (e.g. the derivative of a norm at zero) must not block the update.
+          ok = _all_finite(cand, active_grads)  # else skipped (and retried): masks, aux unchanged
+          keep_old = lambda n, o: jnp.where(ok, n, o)
+          new_masks = jax.tree.map(keep_old, new.masks, masks)
+          survivors = jax.tree.map(lambda s, n, o: keep_old(s & n & o, o), new.survivors,
+                                   new.masks, masks)
+          # After the first step every removed weight must be zero on entry, since the
+          # previous step's output zeroed it; if not, something after the method changed
+          # the updates. Such a leak persists (the next outputs are changed the same way),
+          # so it is looked for at mask-update steps only, where the pass costs little next
+          # to the update; a pass at every step cost 10% of a scanned LeNet-300-100 step, a
+          # cond 3%. With fixed masks, the reports (js.summary, js.sparsity) find it.
+          leaks = (state.count > 0) & _any_stray(params_, masks)
+          out = (new_masks, survivors, jax.tree.map(keep_old, new.aux, aux), ok, leaks)
+          if not grow_values:
+            return out
+          if new.values is None or (grow_values == "int8" and new.units is None):
+            raise ValueError(f"update_masks: built with grow_values={grow_values!r} but returned "
+                             "no values" + (" or units" if grow_values == "int8" else ""))
+          grown = jax.tree.map(lambda n, s: n & ~s, new_masks, survivors)
+          if grow_values == "int8":
+            return out[:1] + (_encode(survivors, grown, new.values, new.units),) + out[2:]
+          return out + (jax.tree.map(
+              lambda v, g, p: (jnp.where(g, v, 0).astype(jnp.result_type(p)) if jnp.ndim(g)
+                               else jnp.zeros([], jnp.result_type(p))), new.values, grown,
+              params_),)
+
+        def no_update(masks, aux):
+          out = (masks, masks, aux, jnp.bool_(True), jnp.bool_(False))
+          if grow_values == "int8":
+            return out[:1] + (_encode(masks, None, None, None),) + out[2:]
+          if grow_values:
+            return out + (jax.tree.map(lambda m, p: jnp.zeros(jnp.shape(p) if jnp.ndim(m) else (),
+                                                              jnp.result_type(p)), masks, params_),)
+          return out
+
+        # Only the masks (and the survivors, or their int8 codes with the values of grown
+        # weights) go through the cond: passing the optimizer state through it would copy
+        # that state on every step.
+        out = lax.cond(due, do_update, no_update, to_flat(masks), aux)
+        codes = out[1]._replace(codes=back(out[1].codes)) if grow_values == "int8" else back(out[1])
+        return (back(out[0]), codes) + tuple(out[2:5]) + tuple(back(r) for r in out[5:])
+
+      # XLA:CPU compiles a kernel over a leaf of shape (3, 3, 16, 16) or (100, 10) 3-5x slower
+      # than over the same entries flat, and a mask update holds several kernels per leaf. So
+      # on CPU a method whose update reads leaves as flat arrays (``flat_update``) gets them
+      # flattened (ResNet-20's RigL step: 16.7 s to compile -> 12.8 s; the update is traced
+      # once per branch). Elsewhere a reshape can copy (TPU tiles, GPU conv layouts) or
+      # regather a sharded leaf, at every step: the leaves keep their shapes.
+      if flat_update:
+        new_masks, survivors, aux, ok, leaked, *rest = topk.cpu_or_default(
+            functools.partial(run, flat=True), functools.partial(run, flat=False), masks, aux)
+      else:
+        new_masks, survivors, aux, ok, leaked, *rest = run(masks, aux, False)
       if grow_values == "int8":
         survivors, values = _decode(survivors, params)
       elif grow_values:

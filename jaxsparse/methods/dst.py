@@ -451,7 +451,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
   def update_masks(x: core.MaskUpdateInputs) -> core.MaskUpdate:
     flat_m, treedef = jax.tree.flatten(x.masks)
     names = masks_lib.leaf_names(x.params)
-    full = full_leaves(x.params)
+    # the leaves may come flat on CPU (flat_update below); their shapes are in x.shapes
+    shaped = x.params if x.shapes is None else x.shapes
+    shapes = [jnp.shape(s) for s in jax.tree.leaves(shaped)]
+    full = full_leaves(shaped)
     sparse_idx = [i for i, m in enumerate(flat_m) if masks_lib.is_sparse(m)]
     # j-th entry of aux.momenta / aux.scale <-> sparse_idx[j]; the rules see the non-full ones
     pos = [j for j, i in enumerate(sparse_idx) if names[i] not in full]
@@ -468,7 +471,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
       for j, i in zip(pos, idx):
         key = jax.random.fold_in(x.key, (1 << 20) + i)
         scale = x.aux.scale[j] if regrowth == "init" else None
-        vals[i] = core.draw_regrowth(regrowth, key, flat_p[i].shape, flat_p[i].dtype, scale)
+        vals[i] = core.draw_regrowth(regrowth, key, shapes[i], flat_p[i].dtype, scale).reshape(
+            flat_p[i].shape)     # drawn in the leaf's shape: a callable's fan-in
         if regrowth == "init":
           units[i] = scale * (4.0 / 126)  # +-4 standard deviations in 126 steps
       return (jax.tree.unflatten(treedef, vals),
@@ -478,7 +482,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
       return core.MaskUpdate(x.masks, x.masks, x.aux, *values_for(x.masks))
     layers = Layers(names=tuple(names[i] for i in idx), weights=tuple(flat_p[i] for i in idx),
                     grads=tuple(flat_g[i] for i in idx),
-                    momenta=tuple(x.aux.momenta[j] for j in pos) if x.aux.momenta else (),
+                    momenta=tuple(x.aux.momenta[j].reshape(flat_p[i].shape)
+                                  for j, i in zip(pos, idx)) if x.aux.momenta else (),
                     masks=tuple(flat_m[i] for i in idx), step=x.step, key=x.key)
     if block_shape is not None:
       pool = lambda a: block_pool(jnp.abs(a), block_shape)
@@ -502,9 +507,12 @@ def dynamic_sparse(inner: optax.GradientTransformation, sparsity: float, *, drop
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
                            DSTState(drop_state, x.aux.momenta, x.aux.scale), *values_for(new))
 
+  # Without blocks the rules read every leaf as a flat array (flat indices): on CPU they may
+  # see the leaves flattened, which compiles faster (see core.sparse_transform).
   return core.sparse_transform(inner, init_masks=init_masks, update_masks=update_masks,
                                is_update_step=is_update_step, track=track if tracks else None,
-                               grow_values=grow_values, seed=seed)
+                               grow_values=grow_values, flat_update=block_shape is None,
+                               seed=seed)
 
 
 # ---------------------------------------------------------------------------- the methods

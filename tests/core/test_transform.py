@@ -187,3 +187,86 @@ def test_bad_input_errors():
     js.sparse_evolutionary_training(optax.sgd(0.1), 0.5, filter=lambda n, l: False).init(params)
   with pytest.raises(TypeError, match="inner"):
     js.sparse_evolutionary_training("sgd", 0.5)
+
+
+def _conv_params(key):
+  ks = jax.random.split(key, 4)
+  return {"conv": {"kernel": jax.random.normal(ks[0], (3, 3, 4, 16)) * 0.3},
+          "fc": {"kernel": jax.random.normal(ks[1], (64, 10)) * 0.3,
+                 "bias": jax.random.normal(ks[2], (10,)) * 0.1},
+          "out": {"kernel": jax.random.normal(ks[3], (10, 3)) * 0.3}}
+
+
+def _set_drop_gradient_grow(regrowth):
+  from jaxsparse.core import schedules
+  from jaxsparse.methods import dst
+  return dst.dynamic_sparse(optax.adam(0.05), 0.7, drop=dst.drop_set(0.3),
+                            grow=dst.grow_gradient(), is_update_step=schedules.periodic(3),
+                            regrowth=regrowth)
+
+
+FLAT_METHODS = {
+    "rigl": lambda: js.rigl(optax.sgd(0.1, 0.9), 0.7, update_stop=60, update_period=3),
+    "snfs": lambda: js.snfs(optax.sgd(0.1, 0.9), 0.7, total_steps=60, update_period=3),
+    "dsr": lambda: js.dsr(optax.sgd(0.1, 0.9), 0.7, target_pruned=20, update_period=3),
+    "set_drop_init": lambda: _set_drop_gradient_grow("init"),
+    "set_drop_callable": lambda: _set_drop_gradient_grow(jax.nn.initializers.lecun_normal()),
+}
+
+
+@pytest.mark.parametrize("method", sorted(FLAT_METHODS))
+def test_flat_update_on_cpu_equals_the_shaped_update(method, monkeypatch):
+  """On CPU, the DST methods' updates see flattened leaves (``flat_update``: faster to compile
+  there); on GPU/TPU the leaves keep their shapes. Both programs, run here, give the same masks
+  and params bit for bit over 20 steps with 6 updates, on 4-D, short-axis and ERK-dense
+  leaves, with momentum (SNFS) and random or callable regrowth values (drawn in the leaf's
+  shape: an initializer's fan-in)."""
+  from jaxsparse.core import selection as topk
+  params = _conv_params(jax.random.key(1))
+  # targets: per step a tree like the params (distinct gradients at every weight)
+  xs = [_conv_params(jax.random.key(10 + i)) for i in range(20)]
+
+  def loss(p, x):
+    return sum(jnp.sum((jnp.tanh(a) - b) ** 2) for a, b in zip(jax.tree.leaves(p),
+                                                                jax.tree.leaves(x)))
+
+  def train():
+    tx = FLAT_METHODS[method]()
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, x):
+      g = jax.grad(loss)(p, x)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    p = params
+    for x in xs:
+      p, state = step(p, state, x)
+    return p, js.get_masks(state)
+
+  flat = train()
+  monkeypatch.setattr(topk, "cpu_or_default", lambda cpu, default, *args: default(*args))
+  shaped = train()
+  masks = jax.tree.leaves(flat[1])
+  assert sum(int(np.sum(~np.asarray(m))) for m in masks if np.ndim(m)) > 0
+  for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(shaped)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
+
+
+def test_flat_update_is_cpu_only():
+  """Lowered for CUDA and TPU, the update works on the leaves in their shapes (a reshape could
+  copy there, or regather a sharded leaf, at every step); lowered for CPU, on them flattened:
+  the 3x3x4x16 conv kernel appears as 576 entries in most of the CPU program's values, and in
+  few of the others' (the finiteness and leak checks ravel it on every platform)."""
+  params = _conv_params(jax.random.key(1))
+  tx = js.rigl(optax.sgd(0.1, 0.9), 0.7, update_stop=60, update_period=3)
+  state = tx.init(params)
+  fn = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  texts = {p: fn.trace(params, state, params).lower(lowering_platforms=(p,)).as_text()
+           for p in ("cpu", "cuda", "tpu")}
+  flat, shaped = {p: t.count("tensor<576x") for p, t in texts.items()}, {
+      p: t.count("tensor<3x3x4x16x") for p, t in texts.items()}
+  assert flat["cpu"] > 4 * shaped["cpu"], (flat, shaped)
+  for p in ("cuda", "tpu"):
+    assert shaped[p] > 10 * flat[p], (p, flat, shaped)
