@@ -197,20 +197,24 @@ def _conv_params(key):
           "out": {"kernel": jax.random.normal(ks[3], (10, 3)) * 0.3}}
 
 
-def _set_drop_gradient_grow(regrowth):
+def _dst(drop, grow, redistribute, regrowth):
   from jaxsparse.core import schedules
-  from jaxsparse.methods import dst
-  return dst.dynamic_sparse(optax.adam(0.05), 0.7, drop=dst.drop_set(0.3),
-                            grow=dst.grow_gradient(), is_update_step=schedules.periodic(3),
-                            regrowth=regrowth)
+  return js.methods.dst.dynamic_sparse(optax.adam(0.05), 0.7, drop=drop, grow=grow,
+                                       redistribute=redistribute, regrowth=regrowth,
+                                       is_update_step=schedules.periodic(3))
 
 
+# Between them: every drop rule (magnitude, SET's, DSR's threshold), grow rule (momentum,
+# gradient, random) and redistribution, the tracked momentum, and "init" (int8 codes) and
+# callable regrowth values.
 FLAT_METHODS = {
-    "rigl": lambda: js.rigl(optax.sgd(0.1, 0.9), 0.7, update_stop=60, update_period=3),
-    "snfs": lambda: js.snfs(optax.sgd(0.1, 0.9), 0.7, total_steps=60, update_period=3),
     "dsr": lambda: js.dsr(optax.sgd(0.1, 0.9), 0.7, target_pruned=20, update_period=3),
-    "set_drop_init": lambda: _set_drop_gradient_grow("init"),
-    "set_drop_callable": lambda: _set_drop_gradient_grow(jax.nn.initializers.lecun_normal()),
+    "snfs_init": lambda: _dst(js.methods.dst.drop_magnitude(0.3, rounding="ceil"),
+                              js.methods.dst.grow_momentum(), js.methods.dst.by_momentum(),
+                              "init"),
+    "set_drop_gradient_grow_callable": lambda: _dst(
+        js.methods.dst.drop_set(0.3), js.methods.dst.grow_gradient(), None,
+        jax.nn.initializers.lecun_normal()),
 }
 
 
@@ -219,8 +223,7 @@ def test_flat_update_on_cpu_equals_the_shaped_update(method, monkeypatch):
   """On CPU, the DST methods' updates see flattened leaves (``flat_update``: faster to compile
   there); on GPU/TPU the leaves keep their shapes. Both programs, run here, give the same masks
   and params bit for bit over 20 steps with 6 updates, on 4-D, short-axis and ERK-dense
-  leaves, with momentum (SNFS) and random or callable regrowth values (drawn in the leaf's
-  shape: an initializer's fan-in)."""
+  leaves (a callable regrowth is drawn in the leaf's shape: an initializer's fan-in)."""
   from jaxsparse.core import selection as topk
   params = _conv_params(jax.random.key(1))
   # targets: per step a tree like the params (distinct gradients at every weight)
