@@ -318,6 +318,8 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
     raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
   if not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {seed!r}")
+  if not isinstance(flat_update, bool):
+    raise TypeError(f"flat_update must be a bool, got {flat_update!r}")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Params) -> SparseState:

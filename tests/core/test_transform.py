@@ -273,3 +273,17 @@ def test_flat_update_is_cpu_only():
   assert flat["cpu"] > 4 * shaped["cpu"], (flat, shaped)
   for p in ("cuda", "tpu"):
     assert shaped[p] > 10 * flat[p], (p, flat, shaped)
+
+
+def test_sparse_transform_names_its_bad_arguments():
+  init = lambda params, key: (jax.tree.map(lambda _: js.core.masks.dense_mask(), params), ())
+  build = lambda **kw: js.sparse_transform(optax.sgd(0.1), init_masks=init, update_masks=None,
+                                           is_update_step=lambda step: jnp.bool_(False), **kw)
+  with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
+    js.sparse_transform(lambda g: g, init_masks=init, update_masks=None,
+                        is_update_step=lambda step: jnp.bool_(False))
+  with pytest.raises(TypeError, match="seed must be an int"):
+    build(seed="0")
+  with pytest.raises(TypeError, match="flat_update must be a bool"):
+    build(flat_update="yes")
+  build(flat_update=True)   # accepted
