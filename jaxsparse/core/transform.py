@@ -309,9 +309,10 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
       reduction in the update branch costs at every step on CPU, taken or not).
     flat_update: whether ``update_masks`` may see the leaves flattened (row-major, so flat
       indices are unchanged): its ``params``, ``grads``, ``masks`` and ``updates`` then come
-      1-D on CPU (faster to compile there; ``MaskUpdateInputs.shapes`` has the shapes), and
-      its masks, survivors and values are read back in the leaves' shapes. For methods
-      whose update does not depend on the leaves' shapes; the results are the same.
+      1-D on CPU with one device (faster to compile there; ``MaskUpdateInputs.shapes`` has
+      the shapes), and its masks, survivors and values are read back in the leaves' shapes.
+      For methods whose update does not depend on the leaves' shapes; the results are the
+      same.
     seed: seed of the method's PRNG key.
   """
   if not isinstance(inner, optax.GradientTransformation):
@@ -419,8 +420,9 @@ def sparse_transform(inner: optax.GradientTransformation, *, init_masks: InitMas
       # on CPU a method whose update reads leaves as flat arrays (``flat_update``) gets them
       # flattened (ResNet-20's RigL step: 16.7 s to compile -> 12.8 s; the update is traced
       # once per branch). Elsewhere a reshape can copy (TPU tiles, GPU conv layouts) or
-      # regather a sharded leaf, at every step: the leaves keep their shapes.
-      if flat_update:
+      # regather a sharded leaf, at every step: the leaves keep their shapes; so do they on a
+      # CPU process with several devices (topk.one_device).
+      if flat_update and topk.one_device():
         new_masks, survivors, aux, ok, leaked, *rest = topk.cpu_or_default(
             functools.partial(run, flat=True), functools.partial(run, flat=False), masks, aux)
       else:

@@ -128,14 +128,38 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   ``codes != _REMOVED``; no extra scatter, since in the update branch each one costs at
   every step on CPU).
   """
+  # On one CPU device, from four layers on (topk.concatenate_on_cpu), the layers' gathers and
+  # scatters run on their concatenation: one kernel each instead of one per layer (XLA:CPU
+  # compiles every kernel on its own, ~20 ms apiece). Elsewhere each layer keeps its own
+  # arrays, so that a sharded leaf is never regathered. Both give the same masks, survivors
+  # and indices.
+  args = (key, list(ws), list(masks), list(actives), drop_fraction, grow_codes)
+  if not topk.concatenate_on_cpu(len(actives)):
+    return _rewire(*args, concat=False)
+  return topk.cpu_or_default(functools.partial(_rewire, concat=True),
+                             functools.partial(_rewire, concat=False), *args)
+
+
+def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, *, concat: bool):
   sizes = [a.shape[0] for a in actives]
-  drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], drop_fraction)
-  kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
-  drop = _concat(drops)
+  n = [m.size for m in masks]
   leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+  if concat:
+    # flat index of every slot in the concatenation of the layers
+    at = _concat(actives) + jnp.asarray(np.repeat(np.cumsum(n) - n, sizes), jnp.int32)
+    flat_masks = _concat([m.reshape(-1) for m in masks])
+    values = _concat([w.reshape(-1) for w in ws]).at[at].get(mode="promise_in_bounds")
+    drop = _concat(set_drop_each(_split(values, sizes), drop_fraction))  # each layer its own k
+    kept_all = flat_masks.at[at].set(~drop, mode="promise_in_bounds")
+    kept = _split(kept_all, n)
+  else:
+    drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], drop_fraction)
+    kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
+    drop = _concat(drops)
   n_grow = jnp.zeros(len(sizes), jnp.int32).at[leaf].add(drop.astype(jnp.int32),
                                                           mode="promise_in_bounds")
-  grown = topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes)
+  grown = (topk.random_k_positions_flat(key, n_grow, ~kept_all, n, sizes) if concat else
+           topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes))
   # The j-th dropped slot of layer l takes layer l's j-th grown position.
   grown_all = _concat(grown)
   dropped_before = topk.prefix_sum(n_grow) - n_grow
@@ -144,14 +168,26 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
       mode="promise_in_bounds")
   new_active = jnp.where(drop, grown_all[jnp.clip(slot_start + j, 0, grown_all.shape[0] - 1)],
                          _concat(actives))
-  codes = None if grow_codes is None else _split(grow_codes, sizes)
-  new = []
-  for i, (k, g) in enumerate(zip(kept, grown)):
-    if codes is None:
-      new.append(k.at[g].set(True, mode="drop").reshape(masks[i].shape))
+  if concat:
+    # a grown slot's flat index in the concatenation; unfilled slots (index n_l) are dropped
+    grown_at = jnp.where(grown_all < jnp.asarray(np.repeat(n, sizes), jnp.int32),
+                         grown_all + jnp.asarray(np.repeat(np.cumsum(n) - n, sizes), jnp.int32),
+                         int(sum(n)))
+    if grow_codes is None:
+      new_all = kept_all.at[grown_at].set(True, mode="drop")
     else:
-      c = jnp.where(k, jnp.int8(127), jnp.int8(_REMOVED)).at[g].set(codes[i], mode="drop")
-      new.append(c.reshape(masks[i].shape))
+      new_all = jnp.where(kept_all, jnp.int8(127), jnp.int8(_REMOVED)).at[grown_at].set(
+          grow_codes, mode="drop")
+    new = [x.reshape(m.shape) for x, m in zip(_split(new_all, n), masks)]
+  else:
+    codes = None if grow_codes is None else _split(grow_codes, sizes)
+    new = []
+    for i, (k, g) in enumerate(zip(kept, grown)):
+      if codes is None:
+        new.append(k.at[g].set(True, mode="drop").reshape(masks[i].shape))
+      else:
+        c = jnp.where(k, jnp.int8(127), jnp.int8(_REMOVED)).at[g].set(codes[i], mode="drop")
+        new.append(c.reshape(masks[i].shape))
   return (new, [k.reshape(m.shape) for k, m in zip(kept, masks)], _split(new_active, sizes))
 
 
@@ -225,6 +261,7 @@ def sparse_evolutionary_training(
     z = fraction_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
+    shapes = [jnp.shape(s) for s in jax.tree.leaves(x.params if x.shapes is None else x.shapes)]
     sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]
     # A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop and no
     # regrowth; its weights and optimizer state carry over as in dense training.
@@ -255,8 +292,9 @@ def sparse_evolutionary_training(
         else:
           new[i] = out[n]
           if grow_values:
+            # drawn in the leaf's shape (an initializer's fan-in), which may come flat on CPU
             values[i] = core.draw_regrowth(regrowth, jax.random.fold_in(x.key, (1 << 20) + i),
-                                           ws[i].shape, ws[i].dtype, None)
+                                           shapes[i], ws[i].dtype, None).reshape(ws[i].shape)
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
                            SETState(tuple(active), x.aux.scale),
                            jax.tree.unflatten(treedef, values) if grow_values else None,

@@ -174,7 +174,11 @@ def branch(request, monkeypatch):
   (``topk.cpu_or_default`` is the one switch): both must give the same exact results."""
   if request.param == "gpu_tpu_branch":
     monkeypatch.setattr(topk, "cpu_or_default", lambda cpu, default, *args: default(*args))
-  return request.param
+  # The selections are jitted functions: without this, one traced under the other branch
+  # earlier in the process would be reused from jax's cache.
+  jax.clear_caches()
+  yield request.param
+  jax.clear_caches()
 
 
 def test_global_selection_exact_above_2_to_the_24(branch):
@@ -209,6 +213,20 @@ def test_branches_agree_on_small_selections(branch):
                                                                       allowed, 64))
   assert len(set(pos[:50].tolist())) == 50 and np.asarray(allowed)[pos[:50]].all()
   assert (pos[50:] == 500).all()
+  # Several arrays: per-array selections (concatenated on one CPU device) and counts (from
+  # one prefix sum from four arrays on).
+  xs = [rng.integers(-3, 3, s).astype(np.float32) for s in ((7, 9), (40,), (3, 3, 2, 5), (1,))]
+  valid = [rng.random(x.shape) < 0.7 for x in xs]
+  ks = np.array([20, 11, 90, 1], np.int32)
+  got = jax.jit(topk.smallest_k_each)([jnp.asarray(x) for x in xs], jnp.asarray(ks),
+                                      [jnp.asarray(v) for v in valid])
+  for x, v, k, g in zip(xs, valid, ks, got):
+    np.testing.assert_array_equal(np.asarray(g).reshape(-1),
+                                  reference_smallest(x.reshape(-1), k, v.reshape(-1)))
+  ints = [rng.integers(0, 5, x.shape).astype(np.int32) for x in xs]
+  for arrays in (valid, ints):
+    counts = jax.jit(topk.count_true_each)([jnp.asarray(a) for a in arrays])
+    np.testing.assert_array_equal(np.asarray(counts), [int(a.sum()) for a in arrays])
 
 
 # ------------------------------------------- every layer in one selection
@@ -287,6 +305,15 @@ def test_per_array_selections_name_their_bad_arguments():
     topk.random_k_positions_each(jax.random.key(0), jnp.array([1, 1]), valid, (4,))
   with pytest.raises(ValueError, match="allowed: one or more non-empty arrays"):
     topk.random_k_positions_each(jax.random.key(0), jnp.array([1]), [jnp.ones(0, bool)], (1,))
+  flat = jnp.concatenate([v.reshape(-1) for v in valid])
+  with pytest.raises(ValueError, match="flat: the concatenation of 2 non-empty arrays of sizes n, "
+                                       "got shape \\(17,\\) for n=\\[12, 4\\]"):
+    topk.random_k_positions_flat(jax.random.key(0), jnp.array([1, 1]), flat, (12, 4), (4, 4))
+  # the same draws and positions as from the arrays themselves
+  want = topk.random_k_positions_each(jax.random.key(3), jnp.array([2, 3]), valid, (4, 4))
+  got = topk.random_k_positions_flat(jax.random.key(3), jnp.array([2, 3]), flat, (12, 5), (4, 4))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(TypeError, match="xs\\[1\\]: count_true_each takes bool or integer"):
     topk.count_true_each([valid[0], xs[1]])
   with pytest.raises(ValueError, match="xs: count_true_each takes one or more arrays"):
