@@ -220,11 +220,10 @@ def count_true_each(xs: Sequence[jax.Array]) -> jax.Array:
   sums = lambda xs: jnp.stack([count_true(x) for x in xs])
   if not concatenate_on_cpu(len(xs)):
     return sums(xs)
-  # On one CPU device, many arrays are counted from one prefix sum of their concatenation:
-  # a fixed ~10 kernels to compile, where a sum per array is two or three kernels each.
+  # On one CPU device, many arrays are counted in one pass over their concatenation: a few
+  # kernels to compile, where a sum per array is two or three kernels each.
   return cpu_or_default(lambda xs: _cpu_count_segments(_concat_flat(xs), [x.size for x in xs]),
                         sums, [x.astype(jnp.int32) for x in xs])
-
 
 
 def _count_each(xs: Sequence[jax.Array]) -> jax.Array:
@@ -236,9 +235,9 @@ def _count_each(xs: Sequence[jax.Array]) -> jax.Array:
 
 def _count_segments(flat: jax.Array, n: Sequence[int]) -> jax.Array:
   """int32 count of the True entries (sum, for ints) of each consecutive segment of ``flat``
-  (of sizes ``n``):
-  on CPU from one prefix sum at the segments' ends (a fixed number of kernels however many
-  segments; a count per segment is one or two kernels each), elsewhere one sum per segment."""
+  (of sizes ``n``): on CPU in one pass (:func:`_cpu_count_segments`: a fixed number of kernels
+  however many segments, where a sum per segment is two or three kernels each), elsewhere one
+  sum per segment."""
   ends = np.cumsum(n)
   def default(flat):
     return jnp.stack([jnp.sum(flat[e - m:e], dtype=jnp.int32) for m, e in zip(n, ends)])

@@ -261,7 +261,6 @@ def sparse_evolutionary_training(
     z = fraction_at(x.step)
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
-    shapes = [jnp.shape(s) for s in jax.tree.leaves(x.params if x.shapes is None else x.shapes)]
     sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]
     # A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop and no
     # regrowth; its weights and optimizer state carry over as in dense training.
@@ -292,9 +291,8 @@ def sparse_evolutionary_training(
         else:
           new[i] = out[n]
           if grow_values:
-            # drawn in the leaf's shape (an initializer's fan-in), which may come flat on CPU
             values[i] = core.draw_regrowth(regrowth, jax.random.fold_in(x.key, (1 << 20) + i),
-                                           shapes[i], ws[i].dtype, None).reshape(ws[i].shape)
+                                           ws[i].shape, ws[i].dtype, None)
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
                            SETState(tuple(active), x.aux.scale),
                            jax.tree.unflatten(treedef, values) if grow_values else None,
