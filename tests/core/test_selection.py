@@ -213,8 +213,8 @@ def test_branches_agree_on_small_selections(branch):
                                                                       allowed, 64))
   assert len(set(pos[:50].tolist())) == 50 and np.asarray(allowed)[pos[:50]].all()
   assert (pos[50:] == 500).all()
-  # Several arrays: per-array selections (concatenated on one CPU device) and counts (from
-  # one prefix sum from four arrays on).
+  # Several arrays: per-array selections and counts (on one CPU device, from four arrays on,
+  # over their concatenation).
   xs = [rng.integers(-3, 3, s).astype(np.float32) for s in ((7, 9), (40,), (3, 3, 2, 5), (1,))]
   valid = [rng.random(x.shape) < 0.7 for x in xs]
   ks = np.array([20, 11, 90, 1], np.int32)

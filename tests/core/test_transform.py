@@ -208,8 +208,8 @@ def _dst(drop, grow, redistribute, regrowth):
 # Between them: every drop rule (magnitude, SET's, DSR's threshold), grow rule (momentum,
 # gradient, random) and redistribution, the tracked momentum, "init" (int8 codes) and
 # callable regrowth values, and SET's own rewiring with and without codes; with four sparse
-# leaves, the per-leaf counts from one prefix sum (count_true_each) and the selections over
-# the leaves' concatenation.
+# leaves, the per-leaf counts (count_true_each) and the selections over the leaves'
+# concatenation.
 FLAT_METHODS = {
     "set_init": lambda: js.sparse_evolutionary_training(optax.sgd(0.1, 0.9), 0.7,
                                                         update_period=3),
