@@ -591,6 +591,58 @@ def _concat_flat(xs: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
 
 
+def segment_ids(sizes: Sequence[int]) -> jax.Array:
+  """``np.repeat(np.arange(len(sizes)), sizes)`` (int32) for static ``sizes``, built in the
+  program: entry i is the index of the segment (of ``sizes[s]`` entries) that holds i.
+
+  Not that array as a constant: constants as long as the layers made SET's train step on a
+  10M-parameter MLP 214 MB of StableHLO, through which XLA then folded gathers at compile
+  time. On CPU a sum of compares over an iota, which fuses into its consumer (XLA:CPU copies
+  a concatenation's operands, so each broadcast below would be a kernel to compile: 18 more
+  in SET's ResNet-20 step); elsewhere a concatenation of broadcasts, 2 ops per segment.
+  """
+  sizes = [int(m) for m in sizes]
+  if not sizes or min(sizes) < 0:
+    raise ValueError(f"sizes: one or more non-negative sizes, got {sizes}")
+  ends = np.cumsum(sizes)
+
+  def compares():
+    i = lax.iota(jnp.int32, int(ends[-1]))
+    return sum(((i >= e).astype(jnp.int32) for e in ends[:-1]), jnp.zeros_like(i))
+
+  def broadcasts():
+    return jnp.concatenate([jnp.full((m,), s, jnp.int32) for s, m in enumerate(sizes)])
+
+  return cpu_or_default(compares, broadcasts)
+
+
+def lookup(values, ids: jax.Array, dtype=None) -> jax.Array:
+  """``values[ids]``: a short table (one value per segment, static or traced) read at each
+  entry's segment index ``ids`` (from :func:`segment_ids`; in range).
+
+  On CPU a chain of ``len(values) - 1`` selects, which fuses into its consumer (a gather is
+  a kernel of its own there). Elsewhere one gather, without the index wrapping and clamping
+  that ``jnp`` indexing adds.
+  """
+  values = jnp.asarray(values, dtype)
+  if values.ndim != 1 or jnp.ndim(ids) != 1:
+    raise ValueError(f"values and ids: 1-D, got shapes {values.shape} and {jnp.shape(ids)}")
+
+  def selects(values, ids):
+    out = jnp.broadcast_to(values[0], ids.shape)
+    for s in range(1, values.shape[0]):
+      out = jnp.where(ids >= s, values[s], out)
+    return out
+
+  def gather(values, ids):
+    dims = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                      start_index_map=(0,))
+    return lax.gather(values, ids[:, None], dims, (1,),
+                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+  return cpu_or_default(selects, gather, values, ids)
+
+
 @functools.partial(jax.jit, static_argnames=("sizes", "n"), inline=True)  # see _select_jit
 def _random_positions_jit(key, k, flat, *, sizes, n):
   """:func:`random_k_positions_each` on ``flat``, the allowed arrays (of sizes ``n``)
@@ -600,29 +652,30 @@ def _random_positions_jit(key, k, flat, *, sizes, n):
   draws = np.array([min(2 * s + 1024, 4 * m) for s, m in zip(sizes, n)])
   starts = np.concatenate([[0], np.cumsum(draws)])
   slot_starts = np.concatenate([[0], np.cumsum(sizes)])
-  leaf_of_draw = np.repeat(np.arange(len(n)), draws)
+  draw_leaf, slot_leaf = segment_ids(draws), segment_ids(sizes)   # each draw's, slot's array
+  per_draw = lambda values, dtype=jnp.int32: lookup(values, draw_leaf, dtype)
+  per_slot = lambda values: lookup(values, slot_leaf, jnp.int32)
   k = jnp.clip(k, 0, jnp.minimum(jnp.asarray(sizes, jnp.int32), _count_segments(flat, n)))
   order = jnp.arange(starts[-1], dtype=jnp.int32)
   # Uniform draws in [0, n) from 32 random bits: ``bits % n``, exactly uniform on the draws
   # with ``bits < (2**32 // n) * n`` (the others, a fraction below n / 2**32, are rejected
   # like repeats); cheaper to compile than jax.random.randint.
   bits = jax.random.bits(key, order.shape, jnp.uint32)
-  fair = bits < jnp.asarray(((1 << 32) // n * n)[leaf_of_draw], jnp.uint32)
-  local = (bits % jnp.asarray(n[leaf_of_draw], jnp.uint32)).astype(jnp.int32)
-  c = jnp.where(fair, local + jnp.asarray(offsets[leaf_of_draw], jnp.int32), offsets[-1])
+  fair = bits < per_draw(np.asarray((1 << 32) // n * n, np.uint32), jnp.uint32)
+  local = (bits % per_draw(np.asarray(n, np.uint32), jnp.uint32)).astype(jnp.int32)
+  c = jnp.where(fair, local + per_draw(offsets[:-1]), offsets[-1])
   first = jnp.full((offsets[-1],), starts[-1], jnp.int32).at[c].min(order, mode="drop")
   ok = (first.at[c].get(mode="fill", fill_value=-1) == order) & flat.at[c].get(
       mode="fill", fill_value=False)
   total = prefix_sum(ok.astype(jnp.int32))
   before = jnp.concatenate([jnp.zeros(1, jnp.int32), total[starts[1:-1] - 1]])
   at_end = total[starts[1:] - 1] - before          # distinct allowed draws of each array
-  rank = total - before.at[leaf_of_draw].get(mode="promise_in_bounds")
-  filler = jnp.asarray(np.repeat(n, sizes), jnp.int32)
+  rank = total - per_draw(before)
+  filler = per_slot(n)
 
   def fast():
-    take = ok & (rank <= k.at[leaf_of_draw].get(mode="promise_in_bounds"))
-    slot = jnp.where(take, jnp.asarray(slot_starts[leaf_of_draw], jnp.int32) + rank - 1,
-                     slot_starts[-1])
+    take = ok & (rank <= per_draw(k))
+    slot = jnp.where(take, per_draw(slot_starts[:-1]) + rank - 1, slot_starts[-1])
     return filler.at[slot].set(local, mode="drop")
 
   def exact():
@@ -630,20 +683,15 @@ def _random_positions_jit(key, k, flat, *, sizes, n):
     # one sort by (array, not allowed, bits): rare, so its O(n log n) does not matter,
     # and it compiles to a handful of ops. Array i's entries sort into its own range.
     bits = jax.random.bits(jax.random.fold_in(key, 1), flat.shape, jnp.uint32)
-    leaf = jnp.asarray(np.repeat(np.arange(len(n)), n), jnp.int32)
-    local_index = jnp.arange(offsets[-1], dtype=jnp.int32) - jnp.asarray(offsets[:-1], jnp.int32
-                                                                        ).at[leaf].get()
-    *_, idx = lax.sort((leaf, ~flat, bits, local_index), num_keys=3)
+    *_, idx = lax.sort((segment_ids(n), ~flat, bits, jnp.arange(offsets[-1], dtype=jnp.int32)),
+                       num_keys=3)
     # Slot j of array i takes the j-th entry of its sorted range while j < min(k[i], n[i]),
-    # else the filler: one gather over all slots (static indices), not a slice per array.
-    slot_leaf = np.repeat(np.arange(len(n)), sizes)
-    j = np.arange(slot_starts[-1]) - slot_starts[:-1][slot_leaf]
-    in_range = j < n[slot_leaf]
-    chosen = idx.at[jnp.asarray(np.where(in_range, offsets[:-1][slot_leaf] + j, 0), jnp.int32)].get(
-        mode="promise_in_bounds")
-    take = jnp.asarray(in_range) & (jnp.asarray(j, jnp.int32) < k.at[slot_leaf].get(
-        mode="promise_in_bounds"))
-    return jnp.where(take, chosen, filler)
+    # else the filler: one gather over all slots, not a slice per array.
+    j = jnp.arange(slot_starts[-1], dtype=jnp.int32) - per_slot(slot_starts[:-1])
+    in_range = j < filler
+    offset = per_slot(offsets[:-1])
+    chosen = idx.at[jnp.where(in_range, offset + j, 0)].get(mode="promise_in_bounds") - offset
+    return jnp.where(in_range & (j < per_slot(k)), chosen, filler)
 
   slots = lax.cond(jnp.all(at_end >= k), fast, exact)
   return [slots[a:b] for a, b in zip(slot_starts[:-1], slot_starts[1:])]

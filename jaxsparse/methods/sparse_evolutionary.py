@@ -58,7 +58,7 @@ def set_drop_each(values: Sequence[jax.Array], drop_fraction: jax.Array) -> list
   sizes = [v.shape[0] for v in values]
   vals = _concat(values)
   pos, neg = vals > 0, vals < 0
-  groups = jnp.asarray(np.repeat(2 * np.arange(len(sizes)), sizes), jnp.int32) + neg
+  groups = 2 * topk.segment_ids(sizes) + neg
   # n_pos and n_neg of every layer in one scatter-add (a count per array would be 2 kernels
   # each to compile)
   counts = jnp.zeros(2 * len(sizes), jnp.int32).at[groups].add((pos | neg).astype(jnp.int32),
@@ -143,10 +143,11 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
 def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, *, concat: bool):
   sizes = [a.shape[0] for a in actives]
   n = [m.size for m in masks]
-  leaf = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes), jnp.int32)
+  leaf = topk.segment_ids(sizes)                                   # each slot's layer
+  per_slot = lambda values: topk.lookup(values, leaf, jnp.int32)
   if concat:
     # flat index of every slot in the concatenation of the layers
-    at = _concat(actives) + jnp.asarray(np.repeat(np.cumsum(n) - n, sizes), jnp.int32)
+    at = _concat(actives) + per_slot(np.cumsum(n) - n)
     flat_masks = _concat([m.reshape(-1) for m in masks])
     values = _concat([w.reshape(-1) for w in ws]).at[at].get(mode="promise_in_bounds")
     drop = _concat(set_drop_each(_split(values, sizes), drop_fraction))  # each layer its own k
@@ -163,15 +164,13 @@ def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, *, concat: bool)
   # The j-th dropped slot of layer l takes layer l's j-th grown position.
   grown_all = _concat(grown)
   dropped_before = topk.prefix_sum(n_grow) - n_grow
-  slot_start = jnp.asarray(np.repeat(np.cumsum(sizes) - sizes, sizes), jnp.int32)
-  j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - dropped_before.at[leaf].get(
-      mode="promise_in_bounds")
-  new_active = jnp.where(drop, grown_all[jnp.clip(slot_start + j, 0, grown_all.shape[0] - 1)],
+  j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - per_slot(dropped_before)
+  new_active = jnp.where(drop, grown_all[jnp.clip(per_slot(np.cumsum(sizes) - sizes) + j, 0,
+                                                  grown_all.shape[0] - 1)],
                          _concat(actives))
   if concat:
     # a grown slot's flat index in the concatenation; unfilled slots (index n_l) are dropped
-    grown_at = jnp.where(grown_all < jnp.asarray(np.repeat(n, sizes), jnp.int32),
-                         grown_all + jnp.asarray(np.repeat(np.cumsum(n) - n, sizes), jnp.int32),
+    grown_at = jnp.where(grown_all < per_slot(n), grown_all + per_slot(np.cumsum(n) - n),
                          int(sum(n)))
     if grow_codes is None:
       new_all = kept_all.at[grown_at].set(True, mode="drop")

@@ -355,3 +355,36 @@ def test_same_shaped_arrays_select_as_if_apart(values, ks, k_all, seed):
     b = bits[ends[i] - valid[i].size:ends[i]]
     want = reference_smallest(b.astype(np.float64), ks[i], valid[i].reshape(-1))
     np.testing.assert_array_equal(np.asarray(r).reshape(-1), want)
+
+
+@pytest.mark.parametrize("sizes", [[5], [3, 0, 4], [0, 2], [1, 1, 1, 1, 1, 300]])
+def test_segment_ids_and_lookup_match_numpy(sizes, branch):
+  """``lookup(values, segment_ids(sizes))`` is np.repeat(values, sizes) in both branches,
+  built in the program (no array constant as long as the segments) for static and traced
+  values, including sizes of 0 and uint32 values past 2**31."""
+  from jaxsparse.analysis import lowering
+  values = np.arange(len(sizes)) * 7 + 3
+  ids = topk.segment_ids(sizes)
+  assert ids.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(ids), np.repeat(np.arange(len(sizes)), sizes))
+  np.testing.assert_array_equal(np.asarray(topk.lookup(values, ids, jnp.int32)),
+                                np.repeat(values, sizes))
+  big = np.asarray(values + (1 << 31) + 5, np.uint32)
+  repeat = lambda v: topk.lookup(v, topk.segment_ids(sizes))
+  got = jax.jit(repeat)(jnp.asarray(big))
+  assert got.dtype == jnp.uint32
+  np.testing.assert_array_equal(np.asarray(got), np.repeat(big, sizes))
+  module = lowering.lower(repeat, jnp.asarray(big), platform="cuda")
+  assert lowering.large_constants(module, min_elements=2) == []   # no array constant at all
+  module = lowering.lower(lambda: topk.lookup(values, topk.segment_ids(sizes), jnp.int32),
+                          platform="cpu")
+  assert lowering.large_constants(module, min_elements=len(sizes) + 1) == []   # only values
+
+
+def test_segment_ids_and_lookup_name_their_bad_arguments():
+  with pytest.raises(ValueError, match=r"sizes: one or more non-negative sizes, got \[3, -1\]"):
+    topk.segment_ids([3, -1])
+  with pytest.raises(ValueError, match=r"sizes: .* got \[\]"):
+    topk.segment_ids([])
+  with pytest.raises(ValueError, match=r"values and ids: 1-D, got shapes \(2, 1\) and \(3,\)"):
+    topk.lookup(np.ones((2, 1)), topk.segment_ids([1, 2]))
