@@ -659,9 +659,11 @@ def _random_positions_jit(key, k, flat, *, sizes, n):
   order = jnp.arange(starts[-1], dtype=jnp.int32)
   # Uniform draws in [0, n) from 32 random bits: ``bits % n``, exactly uniform on the draws
   # with ``bits < (2**32 // n) * n`` (the others, a fraction below n / 2**32, are rejected
-  # like repeats); cheaper to compile than jax.random.randint.
+  # like repeats); cheaper to compile than jax.random.randint. The bound is compared as
+  # ``bits <= bound - 1``: for n a power of two the bound is 2**32, which uint32 wraps to 0
+  # (every draw was rejected, and every update of such a layer took the exact fallback's sort).
   bits = jax.random.bits(key, order.shape, jnp.uint32)
-  fair = bits < per_draw(np.asarray((1 << 32) // n * n, np.uint32), jnp.uint32)
+  fair = bits <= per_draw(np.asarray((1 << 32) // n * n - 1, np.uint32), jnp.uint32)
   local = (bits % per_draw(np.asarray(n, np.uint32), jnp.uint32)).astype(jnp.int32)
   c = jnp.where(fair, local + per_draw(offsets[:-1]), offsets[-1])
   first = jnp.full((offsets[-1],), starts[-1], jnp.int32).at[c].min(order, mode="drop")

@@ -388,3 +388,30 @@ def test_segment_ids_and_lookup_name_their_bad_arguments():
     topk.segment_ids([])
   with pytest.raises(ValueError, match=r"values and ids: 1-D, got shapes \(2, 1\) and \(3,\)"):
     topk.lookup(np.ones((2, 1)), topk.segment_ids([1, 2]))
+
+
+@pytest.mark.parametrize("n", [4096, 4000])   # 4096 divides 2**32: its bound wrapped to 0
+def test_random_positions_take_the_rejection_draws_for_any_size(n):
+  """With most positions allowed, the positions are the first k distinct allowed draws of
+  ``bits % n`` (draws with ``bits >= (2**32 // n) * n`` rejected), as a numpy reference of
+  the fast path computes them, for a power-of-two n too (all its draws were rejected, so
+  every update fell back to a sort of the whole layer: 5 s per update of a 10M-parameter
+  MLP on CPU)."""
+  rng = np.random.default_rng(n)
+  allowed = rng.random(n) < 0.9
+  k, size = 100, 200
+  key = jax.random.key(7)
+  draws = min(2 * size + 1024, 4 * n)
+  bits = np.asarray(jax.random.bits(key, (draws,), jnp.uint32)).astype(np.int64)
+  fair = bits < (1 << 32) // n * n
+  want, seen = [], set()
+  for b, f in zip(bits % n, fair):
+    if f and b not in seen and allowed[b]:
+      want.append(int(b))
+    seen.add(int(b)) if f else None
+    if len(want) == k:
+      break
+  got = np.asarray(jax.jit(topk.random_k_positions, static_argnums=3)(
+      key, k, jnp.asarray(allowed), size))
+  assert got[:k].tolist() == want
+  assert (got[k:] == n).all()
