@@ -170,7 +170,7 @@ def large_constants(module: ir.Module, min_elements: int = 1024) -> list[Constan
 
   An index array baked into a program as a constant grows the program with the model:
   SET's train step on a 10M-parameter MLP once held 107 MB of them (214 MB of StableHLO),
-  and XLA folded gathers through them at compile time (4 of its 5.6 s on CPU). Built
+  and XLA folded gathers through them at compile time (about 3 s of 4.8-5.6 on CPU). Built
   in the program from an iota, such an array costs a few ops whatever its size.
   """
   out = []

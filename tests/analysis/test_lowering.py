@@ -183,7 +183,7 @@ def test_train_steps_hold_no_model_sized_constant():
   """Every registered method's train step builds its index arrays in the program: lowered for
   CPU and for CUDA, it holds no constant array of 1024 entries or more. SET's once held its
   layers' segment ids and offsets as constants (the train step of a 10M-parameter MLP was 214
-  MB of StableHLO, and XLA:CPU spent 4 of its 5.6 s compiling them)."""
+  MB of StableHLO, and XLA:CPU spent about 3 s of its 4.8-5.6 s compiling them)."""
   import optax
   from jaxsparse.core import registry
   from tests.helpers import make_step, mlp_params
