@@ -172,7 +172,12 @@ def large_constants(module: ir.Module, min_elements: int = 1024) -> list[Constan
   SET's train step on a 10M-parameter MLP once held 107 MB of them (214 MB of StableHLO),
   and XLA folded gathers through them at compile time (about 3 s of 4.8-5.6 on CPU). Built
   in the program from an iota, such an array costs a few ops whatever its size.
+
+  Raises:
+    ValueError: naming ``min_elements`` when it is not a positive int.
   """
+  if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 1:
+    raise ValueError(f"min_elements must be a positive int, got {min_elements!r}")
   out = []
   for op in _ops(module.operation):
     if op.name != "stablehlo.constant":

@@ -209,3 +209,6 @@ def test_large_constants_finds_them():
   found = lowering.large_constants(module)
   assert [(c.type, c.elements) for c in found] == [("tensor<2048xi32>", 2048)]   # not the splat
   assert lowering.large_constants(module, min_elements=4096) == []
+  for bad in (0, 2.5, "1024"):
+    with pytest.raises(ValueError, match="min_elements must be a positive int"):
+      lowering.large_constants(module, min_elements=bad)
