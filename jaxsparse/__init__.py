@@ -109,7 +109,7 @@ _MOVED_OUT = {"data": "experiments.data", "training": "experiments.training",
 
 def __getattr__(name: str):
   if name == "set":
-    _warnings.warn("jaxsparse.sparse_evolutionary_training is deprecated (it shadows the builtin when imported by name); "
+    _warnings.warn("jaxsparse.set is deprecated (it shadows the builtin when imported by name); "
                    "use jaxsparse.sparse_evolutionary_training", DeprecationWarning, stacklevel=2)
     return sparse_evolutionary_training
   if name in _DEPRECATED_MODULES:
