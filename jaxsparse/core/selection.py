@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.random import threefry2x32_p
 
 
 _BINS = 1 << 16
@@ -558,11 +559,18 @@ def random_k_positions(key: jax.Array, k: jax.Array, allowed: jax.Array, size: i
 
 
 def random_k_positions_each(key: jax.Array, k: jax.Array, allowed: Sequence[jax.Array],
-                            sizes: Sequence[int]) -> list[jax.Array]:
+                            sizes: Sequence[int], *, bits: jax.Array | None = None
+                            ) -> list[jax.Array]:
   """:func:`random_k_positions` for several arrays at once: ``sizes[i]`` slots for
   ``allowed[i]``, of which the first ``k[i]`` are filled. One set of draws over all arrays
   (each array's draws are its own slice of them), and one fallback sort for all, so a
-  program with many layers holds these ops once."""
+  program with many layers holds these ops once.
+
+  ``bits``: the draws' random bits, ``jax.random.bits(key, (position_draws(n, sizes),),
+  jnp.uint32)`` (``n``: the arrays' sizes), drawn by the caller in one hash with its other
+  draws (:func:`random_bits_each`); the positions are then the same as without it. ``key``
+  still seeds the fallback.
+  """
   allowed = [jnp.asarray(a).reshape(-1) for a in allowed]
   sizes = [int(s) for s in sizes]
   if len(sizes) != len(allowed):
@@ -570,20 +578,74 @@ def random_k_positions_each(key: jax.Array, k: jax.Array, allowed: Sequence[jax.
   n = np.array([a.size for a in allowed])
   if not len(n) or (n == 0).any():
     raise ValueError(f"allowed: one or more non-empty arrays, got sizes {n.tolist()}")
+  n = tuple(int(x) for x in n)
   return _random_positions_jit(key, _counts_per_array(k, len(n)), _concat_flat(allowed),
-                               sizes=tuple(sizes), n=tuple(int(x) for x in n))
+                               _check_bits(bits, n, sizes), sizes=tuple(sizes), n=n)
 
 
 def random_k_positions_flat(key: jax.Array, k: jax.Array, flat: jax.Array, n: Sequence[int],
-                            sizes: Sequence[int]) -> list[jax.Array]:
+                            sizes: Sequence[int], *, bits: jax.Array | None = None
+                            ) -> list[jax.Array]:
   """:func:`random_k_positions_each` with the allowed arrays given as ``flat``, their
-  flattened concatenation, of sizes ``n`` (the same draws and positions)."""
+  flattened concatenation, of sizes ``n`` (the same draws and positions; ``bits`` as there)."""
   n = tuple(int(x) for x in n)
   sizes = tuple(int(s) for s in sizes)
   if len(sizes) != len(n) or not n or min(n) == 0 or jnp.shape(flat) != (sum(n),):
     raise ValueError(f"flat: the concatenation of {len(sizes)} non-empty arrays of sizes n, "
                      f"got shape {jnp.shape(flat)} for n={list(n)}")
-  return _random_positions_jit(key, _counts_per_array(k, len(n)), flat, sizes=sizes, n=n)
+  return _random_positions_jit(key, _counts_per_array(k, len(n)), flat,
+                               _check_bits(bits, n, sizes), sizes=sizes, n=n)
+
+
+def _draws(n: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+  """The fast path's uniform draws per array: twice its slots and 1024 more, at most 4 n."""
+  return np.array([min(2 * int(s) + 1024, 4 * int(m)) for s, m in zip(sizes, n)], np.int64)
+
+
+def position_draws(n: Sequence[int], sizes: Sequence[int]) -> int:
+  """How many random 32-bit words :func:`random_k_positions_each` draws for arrays of sizes
+  ``n`` with ``sizes`` slots each (the length of its ``bits``)."""
+  return int(_draws(n, sizes).sum())
+
+
+def _check_bits(bits, n, sizes):
+  if bits is None:
+    return None
+  want = (position_draws(n, sizes),)
+  if jnp.shape(bits) != want or jnp.result_type(bits) != jnp.uint32:
+    raise ValueError(f"bits: uint32 of shape {want} (position_draws(n, sizes)), got "
+                     f"{jnp.result_type(bits)} of shape {jnp.shape(bits)}")
+  return bits
+
+
+def random_bits_each(keys: Sequence[jax.Array], sizes: Sequence[int]) -> list[jax.Array]:
+  """``[jax.random.bits(key, (n,), jnp.uint32) for key, n in zip(keys, sizes)]``, the same bits,
+  from one threefry hash over all of them.
+
+  Each call of jax's threefry is a hash of its own in the program: unrolled into ~220 ops on
+  GPU and TPU, a loop of 4-5 kernels to compile on CPU (50-180 ms of a CPU compile apiece).
+  jax's threefry bits for ``(key, n)`` are the hash of ``(key, counter i)`` for i < n (with
+  ``jax_threefry_partitionable``, jax's default), so several draws are one hash over their
+  keys and counters laid end to end. With another key implementation, or that flag off, the
+  draws are made one by one (the same bits either way).
+  """
+  keys, sizes = list(keys), [int(m) for m in sizes]
+  if len(keys) != len(sizes) or not keys or min(sizes) < 0:
+    raise ValueError(f"keys and sizes: as many keys as sizes (>= 0), got {len(keys)} keys and "
+                     f"sizes {sizes}")
+  one_by_one = lambda: [jax.random.bits(k, (m,), jnp.uint32) for k, m in zip(keys, sizes)]
+  if (not jax.config.jax_threefry_partitionable
+      or not all(jnp.issubdtype(jnp.result_type(k), jax.dtypes.prng_key) and jnp.shape(k) == ()
+                 and str(jax.random.key_impl(k)) == "threefry2x32" for k in keys)):
+    return one_by_one()
+  data = jnp.stack([jax.random.key_data(k) for k in keys])     # uint32[len(keys), 2]
+  ids = segment_ids(sizes)
+  counter = lax.iota(jnp.uint32, sum(sizes)) - lookup(np.cumsum(sizes) - sizes, ids, jnp.uint32)
+  hi, lo = threefry2x32_p.bind(lookup(data[:, 0], ids), lookup(data[:, 1], ids),
+                               jnp.zeros_like(counter), counter)
+  ends = np.cumsum(sizes)
+  out = hi ^ lo
+  return [out[e - m:e] for m, e in zip(sizes, ends)]
 
 
 def _concat_flat(xs: Sequence[jax.Array]) -> jax.Array:
@@ -644,12 +706,12 @@ def lookup(values, ids: jax.Array, dtype=None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("sizes", "n"), inline=True)  # see _select_jit
-def _random_positions_jit(key, k, flat, *, sizes, n):
+def _random_positions_jit(key, k, flat, bits, *, sizes, n):
   """:func:`random_k_positions_each` on ``flat``, the allowed arrays (of sizes ``n``)
-  concatenated."""
+  concatenated; ``bits``: the draws' bits, or None to draw them from ``key``."""
+  draws = _draws(n, sizes)
   n = np.array(n)
   offsets = np.concatenate([[0], np.cumsum(n)])
-  draws = np.array([min(2 * s + 1024, 4 * m) for s, m in zip(sizes, n)])
   starts = np.concatenate([[0], np.cumsum(draws)])
   slot_starts = np.concatenate([[0], np.cumsum(sizes)])
   draw_leaf, slot_leaf = segment_ids(draws), segment_ids(sizes)   # each draw's, slot's array
@@ -662,7 +724,8 @@ def _random_positions_jit(key, k, flat, *, sizes, n):
   # like repeats); cheaper to compile than jax.random.randint. The bound is compared as
   # ``bits <= bound - 1``: for n a power of two the bound is 2**32, which uint32 wraps to 0
   # (every draw was rejected, and every update of such a layer took the exact fallback's sort).
-  bits = jax.random.bits(key, order.shape, jnp.uint32)
+  if bits is None:
+    bits = jax.random.bits(key, order.shape, jnp.uint32)
   fair = bits <= per_draw(np.asarray((1 << 32) // n * n - 1, np.uint32), jnp.uint32)
   local = (bits % per_draw(np.asarray(n, np.uint32), jnp.uint32)).astype(jnp.int32)
   c = jnp.where(fair, local + per_draw(offsets[:-1]), offsets[-1])

@@ -184,15 +184,37 @@ def init_scale(param: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0)) / n)
 
 
-def draw_regrowth(regrowth: Any, key: jax.Array, shape: tuple, dtype: Any, scale: jax.Array
-                  ) -> jax.Array:
+def normal_bf16(bits: jax.Array) -> jax.Array:
+  """``jax.random.normal(key, shape, jnp.bfloat16)`` from ``jax.random.bits(key, shape,
+  jnp.uint32)``, so that a caller can draw its words in one hash with other draws
+  (:func:`jaxsparse.core.selection.random_bits_each`).
+
+  As jax does it: a bfloat16 uniform takes the low 8 bits of each word (jax's 8-bit draw),
+  7 of them as the mantissa of a float in [1, 2), moved to [nextafter(-1, 0), 1); then
+  ``sqrt(2) erf_inv(u)``, all in bfloat16. (A test checks it against jax's own draw.)
+  """
+  bf16 = jnp.bfloat16
+  lo = np.nextafter(np.array(-1.0, bf16), np.array(0.0, bf16), dtype=bf16)
+  one = np.array(1.0, bf16)
+  mantissa = lax.shift_right_logical(lax.convert_element_type(
+      lax.convert_element_type(bits, jnp.uint8), jnp.uint16), jnp.uint16(1))
+  floats = lax.bitcast_convert_type(mantissa | one.view(np.uint16), bf16) - one
+  u = lax.max(jnp.asarray(lo), floats * (one - lo) + lo)
+  return lax.mul(np.array(np.sqrt(2), bf16), lax.erf_inv(u))
+
+
+def draw_regrowth(regrowth: Any, key: jax.Array, shape: tuple, dtype: Any, scale: jax.Array,
+                  bits: jax.Array | None = None) -> jax.Array:
   """Starting values of regrown weights: ``"init"`` a zero-mean normal of standard deviation
-  ``scale`` (the layer's at init), or ``regrowth(key, shape, dtype)``."""
+  ``scale`` (the layer's at init), or ``regrowth(key, shape, dtype)``. With ``"init"``,
+  ``bits`` may hold ``jax.random.bits(key, shape, jnp.uint32)``, drawn by the caller."""
   if regrowth == "init":
     # bfloat16 draws take half the random bits of float32 ones (the threefry hash dominates
     # the cost of an update), and their 8-bit mantissa is finer than the int8 codes the
     # values travel in (steps of 4 / 126 standard deviations).
-    return (scale * jax.random.normal(key, shape, jnp.bfloat16).astype(jnp.float32)).astype(dtype)
+    z = (jax.random.normal(key, shape, jnp.bfloat16) if bits is None else
+         normal_bf16(jnp.reshape(bits, shape)))
+    return (scale * z.astype(jnp.float32)).astype(dtype)
   out = jnp.asarray(regrowth(key, shape, dtype))
   if out.shape != tuple(shape):
     raise ValueError(f"regrowth: the callable returned shape {out.shape}, expected {tuple(shape)} "

@@ -118,7 +118,8 @@ def set_rewire(key: jax.Array, w: jax.Array, mask: jax.Array, active: jax.Array,
 @functools.partial(jax.jit, inline=True)
 def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax.Array],
                     actives: Sequence[jax.Array], drop_fraction: jax.Array,
-                    grow_codes: jax.Array | None = None) -> tuple[list, list, list]:
+                    grow_codes: jax.Array | None = None, *, bits: jax.Array | None = None
+                    ) -> tuple[list, list, list]:
   """:func:`set_rewire` for several layers at once: one drop selection and one set of
   random draws for all (so a program holds them once, however many layers it has).
 
@@ -127,20 +128,23 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   127 kept, the slot's grow code where grown, :data:`_REMOVED` elsewhere (the new mask is
   ``codes != _REMOVED``; no extra scatter, since in the update branch each one costs at
   every step on CPU).
+
+  ``bits``: the random positions' bits, drawn by the caller from ``key`` in one hash with its
+  other draws (see ``topk.random_k_positions_each``); the same result as without them.
   """
   # On one CPU device, from four layers on (topk.concatenate_on_cpu), the layers' gathers and
   # scatters run on their concatenation: one kernel each instead of one per layer (XLA:CPU
   # compiles every kernel on its own, ~20 ms apiece). Elsewhere each layer keeps its own
   # arrays, so that a sharded leaf is never regathered. Both give the same masks, survivors
   # and indices.
-  args = (key, list(ws), list(masks), list(actives), drop_fraction, grow_codes)
+  args = (key, list(ws), list(masks), list(actives), drop_fraction, grow_codes, bits)
   if not topk.concatenate_on_cpu(len(actives)):
     return _rewire(*args, concat=False)
   return topk.cpu_or_default(functools.partial(_rewire, concat=True),
                              functools.partial(_rewire, concat=False), *args)
 
 
-def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, *, concat: bool):
+def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, bits, *, concat: bool):
   sizes = [a.shape[0] for a in actives]
   n = [m.size for m in masks]
   leaf = topk.segment_ids(sizes)                                   # each slot's layer
@@ -159,8 +163,8 @@ def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, *, concat: bool)
     drop = _concat(drops)
   n_grow = jnp.zeros(len(sizes), jnp.int32).at[leaf].add(drop.astype(jnp.int32),
                                                           mode="promise_in_bounds")
-  grown = (topk.random_k_positions_flat(key, n_grow, ~kept_all, n, sizes) if concat else
-           topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes))
+  grown = (topk.random_k_positions_flat(key, n_grow, ~kept_all, n, sizes, bits=bits) if concat
+           else topk.random_k_positions_each(key, n_grow, [~k for k in kept], sizes, bits=bits))
   # The j-th dropped slot of layer l takes layer l's j-th grown position.
   grown_all = _concat(grown)
   dropped_before = topk.prefix_sum(n_grow) - n_grow
@@ -270,17 +274,24 @@ def sparse_evolutionary_training(
     units = [jnp.ones([], jnp.float32) for _ in leaves]
     if rewired:
       idx = [sparse[j] for j in rewired]
-      grow_codes = None
+      grow_codes = bits = None
+      key = jax.random.fold_in(x.key, 0)
       if regrowth == "init":
         # One draw per slot (nnz, not the leaf's size), as int8 codes in steps of 4/126
-        # standard deviations, set in the scatter that grows the positions.
-        n_slots = sum(active[j].shape[0] for j in rewired)
-        z8 = core.draw_regrowth("init", jax.random.fold_in(x.key, 1), (n_slots,), jnp.float32,
-                                jnp.float32(1.0))
+        # standard deviations, set in the scatter that grows the positions. Its bits and the
+        # random positions' are one hash (each hash is ~220 ops on GPU, a loop of kernels to
+        # compile on CPU); the same bits as two draws.
+        slots = [active[j].shape[0] for j in rewired]
+        value_key = jax.random.fold_in(x.key, 1)
+        bits, value_bits = topk.random_bits_each(
+            [key, value_key], [topk.position_draws([leaves[i].size for i in idx], slots),
+                               sum(slots)])
+        z8 = core.draw_regrowth("init", value_key, (sum(slots),), jnp.float32, jnp.float32(1.0),
+                                bits=value_bits)
         grow_codes = jnp.clip(jnp.round(z8 * (126 / 4.0)), -126, 126).astype(jnp.int8)
       out, kept, new_active = set_rewire_each(
-          jax.random.fold_in(x.key, 0), [ws[i] for i in idx], [leaves[i] for i in idx],
-          [active[j] for j in rewired], z, grow_codes)
+          key, [ws[i] for i in idx], [leaves[i] for i in idx],
+          [active[j] for j in rewired], z, grow_codes, bits=bits)
       for n, (i, j) in enumerate(zip(idx, rewired)):
         active[j], survivors[i] = new_active[n], kept[n]
         if regrowth == "init":

@@ -415,3 +415,62 @@ def test_random_positions_take_the_rejection_draws_for_any_size(n):
       key, k, jnp.asarray(allowed), size))
   assert got[:k].tolist() == want
   assert (got[k:] == n).all()
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 70_001], [1], [3, 3]])
+def test_random_bits_each_are_jax_draws_in_one_hash(sizes, branch):
+  """``random_bits_each`` gives each key's ``jax.random.bits`` exactly, in both branches, and
+  the program holds one threefry hash for all draws (each hash: ~220 ops on GPU)."""
+  from jaxsparse.analysis import lowering
+  keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(len(sizes))]
+  draw = jax.jit(lambda ks: topk.random_bits_each(ks, sizes))
+  for got, key, n in zip(draw(keys), keys, sizes):
+    assert got.dtype == jnp.uint32 and got.shape == (n,)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.asarray(jax.random.bits(key, (n,), jnp.uint32)))
+  for platform in ("cpu", "cuda"):
+    text = str(lowering.lower(draw, keys, platform=platform))
+    hashes = text.count("func.func private @threefry2x32")
+    assert hashes == 1, (platform, hashes)
+    one_each = str(lowering.lower(lambda ks: [jax.random.bits(k, (n,), jnp.uint32)
+                                              for k, n in zip(ks, sizes)], keys, platform=platform))
+    assert one_each.count("func.func private @threefry2x32") == len(set(sizes))
+
+
+def test_random_bits_each_draws_one_by_one_off_jax_default():
+  """With ``jax_threefry_partitionable`` off, or a raw uint32 key, the draws are made one by one
+  (jax's bits then follow another layout), and are still jax's; bad arguments are named."""
+  keys = [jax.random.key(1), jax.random.key(2)]
+  with jax.threefry_partitionable(False):
+    got = topk.random_bits_each(keys, [10, 4])
+    want = [jax.random.bits(k, (n,), jnp.uint32) for k, n in zip(keys, [10, 4])]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  raw = jax.random.PRNGKey(5)
+  np.testing.assert_array_equal(np.asarray(topk.random_bits_each([raw], [7])[0]),
+                                np.asarray(jax.random.bits(raw, (7,), jnp.uint32)))
+  with pytest.raises(ValueError, match=r"keys and sizes: as many keys as sizes \(>= 0\), got 2 "
+                                       r"keys and sizes \[3\]"):
+    topk.random_bits_each(keys, [3])
+  with pytest.raises(ValueError, match=r"keys and sizes: .* got 1 keys and sizes \[-1\]"):
+    topk.random_bits_each(keys[:1], [-1])
+
+
+def test_positions_from_the_callers_bits_are_the_same():
+  """``bits`` drawn by the caller (``random_bits_each`` with ``position_draws``) give the same
+  positions as the positions' own draw; bits of another length or dtype are named."""
+  rng = np.random.default_rng(0)
+  allowed = [jnp.asarray(rng.random(s) < 0.8) for s in (300, 4096, 50)]
+  n, sizes, k = [300, 4096, 50], (40, 100, 20), jnp.array([30, 90, 20])
+  key = jax.random.key(11)
+  bits, _ = topk.random_bits_each([key, jax.random.key(0)], [topk.position_draws(n, sizes), 9])
+  assert bits.shape == (min(2 * 40 + 1024, 1200) + 2 * 100 + 1024 + min(2 * 20 + 1024, 200),)
+  each = jax.jit(topk.random_k_positions_each, static_argnums=3)
+  for got, want in zip(each(key, k, allowed, sizes, bits=bits), each(key, k, allowed, sizes)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match=r"bits: uint32 of shape \(2528,\) \(position_draws\(n, "
+                                       r"sizes\)\), got uint32 of shape \(2527,\)"):
+    topk.random_k_positions_each(key, k, allowed, sizes, bits=bits[:-1])
+  flat = jnp.concatenate(allowed)
+  with pytest.raises(ValueError, match=r"bits: uint32 .* got int32 of shape \(2528,\)"):
+    topk.random_k_positions_flat(key, k, flat, n, sizes, bits=bits.astype(jnp.int32))

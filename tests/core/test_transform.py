@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import jaxsparse as js
 from tests.helpers import batches, make_step, mlp_params
@@ -299,3 +300,22 @@ def test_sparse_transform_names_its_bad_arguments():
   with pytest.raises(TypeError, match="flat_update must be a bool"):
     build(flat_update="yes")
   build(flat_update=True)   # accepted
+
+
+@given(st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_normal_bf16_from_bits_is_jax_normal(seed):
+  """``normal_bf16(jax.random.bits(key, shape))`` is ``jax.random.normal(key, shape, bfloat16)``
+  bit for bit (SET draws its regrowth values' bits in one hash with its positions' bits), for
+  any key; one compile for all examples."""
+  key = jax.random.key(seed)
+  got, want = _normal_pair(key)
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
+@jax.jit
+def _normal_pair(key):
+  from jaxsparse.core import transform
+  shape = (3, 700)
+  return (transform.normal_bf16(jax.random.bits(key, shape, jnp.uint32)),
+          jax.random.normal(key, shape, jnp.bfloat16))
