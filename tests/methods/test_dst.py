@@ -227,6 +227,41 @@ def test_dsr_threshold_converges_into_the_tolerance_band(h0):
   assert all(0.9 * np_target <= k <= 1.1 * np_target for k in ks[6:])
 
 
+def _reference_threshold_drops(ws, ms, h):
+  """DSR's drop from the paper and the authors' code, in numpy: each active |w| < h, and a
+  leaf that would lose every active weight keeps its largest (the first on ties)."""
+  out = []
+  for w, m in zip(ws, ms):
+    a = np.abs(w).reshape(-1)
+    d = m.reshape(-1) & (a < h)
+    if not (m.reshape(-1) & ~d).any() and m.any():
+      d[np.argmax(np.where(m.reshape(-1), a, -1.0))] = False
+    out.append(d.reshape(w.shape))
+  return out
+
+
+def test_dsr_drop_matches_numpy_on_many_leaves():
+  """Five leaves: one whose weights all fall under H keeps its largest, the first of two tied;
+  one with no active weight; a 4-D one. The same drops as a numpy reference of the rule."""
+  rng = np.random.default_rng(0)
+  shapes = [(6, 5), (3, 3, 2, 4), (40,), (7,), (12,)]
+  ws = [rng.normal(0, 0.2, s).astype(np.float32) for s in shapes]
+  ms = [rng.random(s) < 0.6 for s in shapes]
+  ws[2] = np.where(np.arange(40) % 2, 0.01, -0.01).astype(np.float32)  # all under H,
+  ws[2][[5, 17]] = [0.04, -0.04]                                     # two tied largest
+  ms[2] = np.ones(40, bool)
+  ms[3] = np.zeros(7, bool)                                          # no active weight
+  h = 0.05
+  rule = dst.drop_threshold(10, initial_threshold=h)
+  layers = dst.Layers(tuple("abcde"), tuple(map(jnp.asarray, ws)), tuple(map(jnp.asarray, ws)),
+                      (), tuple(map(jnp.asarray, ms)), jnp.int32(0), jax.random.key(0))
+  drops, _ = jax.jit(lambda state: rule.apply(layers, state))(rule.init())
+  want = _reference_threshold_drops(ws, ms, h)
+  assert not want[2][5] and want[2].sum() == 39
+  for got, w in zip(drops, want):
+    np.testing.assert_array_equal(np.asarray(got), w)
+
+
 # ---------------------------------------------------------------- invariants over 500 jitted steps
 
 def _stats_fn(tx):
