@@ -18,8 +18,14 @@ for ResNet-20) and measures, in one process:
   unlike seconds, does not change with the machine's load: a change meant to cut compile
   time can be checked by it in one run.
 
+``--jaxpruner DIR`` adds the peer, jaxpruner's SET step (a source checkout, e.g.
+google-research/jaxpruner at f133ee5, with ml-collections importable; updating every 100 steps,
+uniform sparsity), measured the same way in the same process. jaxpruner's SET fails on trees
+with unmasked leaves, so with it every step's model has no biases, and only the MLPs
+(``lenet300``, ``mlp10m``) can be measured.
+
   python -m experiments.bench_compile [--models lenet300 resnet20 mlp10m] [--methods set rigl dsr]
-      [--repeats 3] [--llvm-modules] [--out results/bench_compile.json]
+      [--repeats 3] [--llvm-modules] [--jaxpruner DIR] [--out results/bench_compile.json]
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ MODELS = {"lenet300": ("lenet300", {}, (28, 28, 1)),
           "resnet20": ("resnet20", {}, (32, 32, 3)),
           "mlp10m": ("mlp", {"features": (2048, 2048, 2048)}, (28, 28, 1))}
 METHODS = ("static", "set", "rigl", "dsr")
+PEER = "jaxpruner_set"
 
 
 def make_method(name: str, sparsity: float = 0.9) -> optax.GradientTransformation:
@@ -69,10 +76,12 @@ def make_method(name: str, sparsity: float = 0.9) -> optax.GradientTransformatio
   raise ValueError(f"--methods: unknown method {name!r}; choose from {METHODS}")
 
 
-def train_step(model_name: str, tx: optax.GradientTransformation, batch_size: int = 32):
-  """``(step, args)``: the jitted-to-be train step of ``model_name`` with ``tx``."""
+def train_step(model_name: str, tx: optax.GradientTransformation, batch_size: int = 32, *,
+               use_bias: bool = True, post=None):
+  """``(step, args)``: the jitted-to-be train step of ``model_name`` with ``tx``; ``post(params,
+  opt_state)`` runs after ``apply_updates`` (jaxpruner's ``post_gradient_update``)."""
   name, kwargs, input_shape = MODELS[model_name]
-  net = models.create_model(name, 10, **kwargs)
+  net = models.create_model(name, 10, **kwargs, **({} if use_bias else {"use_bias": False}))
   variables = models.init_params(net, input_shape, 0)
   params, stats = variables["params"], variables.get("batch_stats", {})
   x = jnp.zeros((batch_size, *input_shape), jnp.float32)
@@ -90,9 +99,25 @@ def train_step(model_name: str, tx: optax.GradientTransformation, batch_size: in
   def step(p, stats, s):
     (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(p, stats)
     u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), stats, s
+    p = optax.apply_updates(p, u)
+    return (p if post is None else post(p, s)), stats, s
 
   return step, (params, stats, tx.init(params))
+
+
+def step_of(model_name: str, method: str, jaxpruner_dir: str | None = None):
+  """``(step, args)`` of ``method`` (``"dense"``, one of :data:`METHODS`, or :data:`PEER`
+  from ``jaxpruner_dir``); with ``jaxpruner_dir``, every model is without biases."""
+  if jaxpruner_dir is None:
+    if method == PEER:
+      raise ValueError(f"method {PEER!r} needs jaxpruner_dir")
+    return train_step(model_name, make_method(method))
+  if method != PEER:
+    return train_step(model_name, make_method(method), use_bias=False)
+  from experiments import bench_step   # (it imports this module)
+  pruner = bench_step._jaxpruner_set(jaxpruner_dir, 0.9, 100)
+  return train_step(model_name, pruner.wrap_optax(optax.sgd(0.01, momentum=0.9)),
+                    use_bias=False, post=pruner.post_gradient_update)
 
 
 @contextlib.contextmanager
@@ -109,14 +134,16 @@ def no_persistent_cache():
     compilation_cache.reset_cache()
 
 
-def measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
+def measure(model_name: str, methods: tuple[str, ...], repeats: int,
+            jaxpruner_dir: str | None = None) -> dict:
   with no_persistent_cache():
-    return _measure(model_name, methods, repeats)
+    return _measure(model_name, methods, repeats, jaxpruner_dir)
 
 
-def _measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
-  names = ("dense",) + tuple(methods)
-  steps = {n: train_step(model_name, make_method(n)) for n in names}
+def _measure(model_name: str, methods: tuple[str, ...], repeats: int,
+             jaxpruner_dir: str | None = None) -> dict:
+  names = ("dense",) + tuple(methods) + ((PEER,) if jaxpruner_dir else ())
+  steps = {n: step_of(model_name, n, jaxpruner_dir) for n in names}
   times = {n: {"lower": [], "compile": []} for n in names}
   order, rng = list(names), random.Random(0)
   for _ in range(repeats):
@@ -131,7 +158,8 @@ def _measure(model_name: str, methods: tuple[str, ...], repeats: int) -> dict:
       times[n]["lower"].append(t1 - t0)
       times[n]["compile"].append(time.perf_counter() - t1)
   row = dict(model=model_name, backend=jax.default_backend(), jax_version=jax.__version__,
-             device=jax.devices()[0].device_kind, repeats=repeats, methods={})
+             device=jax.devices()[0].device_kind, repeats=repeats,
+             use_bias=jaxpruner_dir is None, methods={})
   for n in names:
     step, args = steps[n]
     here = jax.jit(step).trace(*args).lower().compiler_ir()
@@ -153,19 +181,19 @@ _MODULE_LINE = re.compile(r"Compiled LLVM module: (\S+) time: ([\d.]+) (us|ms|s)
 _MARKER = "bench_compile: compiling now"
 
 
-def _child_compile(model_name: str, method: str) -> None:
+def _child_compile(model_name: str, method: str, jaxpruner_dir: str | None = None) -> None:
   """In a child process: build and lower the step, then print a marker and compile it."""
-  step, args = train_step(model_name, make_method(method))
+  step, args = step_of(model_name, method, jaxpruner_dir)
   with no_persistent_cache():
     lowered = jax.jit(step).trace(*args).lower()
     print(_MARKER, file=sys.stderr, flush=True)
     lowered.compile()
 
 
-def llvm_modules(model_name: str, method: str) -> dict:
+def llvm_modules(model_name: str, method: str, jaxpruner_dir: str | None = None) -> dict:
   """``{"modules": n, "codegen_s": t}``: the LLVM modules XLA:CPU compiles for the step of
   ``method`` on ``model_name``, counted from XLA's compiler log (``ir_compiler`` at
-  verbosity 1) in a child process that compiles only that step, from scratch.
+  verbosity 1) in a child process that compiles only that step (:func:`step_of`), from scratch.
 
   Raises:
     RuntimeError: when the child fails or its log holds no module line (another XLA version
@@ -176,7 +204,7 @@ def llvm_modules(model_name: str, method: str) -> dict:
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                  [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   code = ("from experiments import bench_compile as b; "
-          f"b._child_compile({model_name!r}, {method!r})")
+          f"b._child_compile({model_name!r}, {method!r}, {jaxpruner_dir!r})")
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                         text=True)
   log = proc.stderr.split(_MARKER, 1)
@@ -211,6 +239,7 @@ def markdown(rows: list[dict]) -> str:
   r0 = rows[0]
   out.append(f"\n{r0['backend']} ({r0['device']}), jax {r0['jax_version']}, median of "
              f"{r0['repeats']} compiles from scratch per step, interleaved"
+             + ("" if r0.get("use_bias", True) else ", models without biases (for jaxpruner)")
              + ("; LLVM modules from one more compile of each step in a child process "
                 "(it inherits XLA_FLAGS)." if modules else "."))
   return "\n".join(out)
@@ -225,18 +254,28 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--llvm-modules", action="store_true",
                  help="also count the LLVM modules XLA:CPU compiles per step (CPU only)")
+  p.add_argument("--jaxpruner", default=None, metavar="DIR",
+                 help="a jaxpruner source checkout: add its SET step (every model then has no "
+                      "biases; MLPs only)")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.jaxpruner:
+    if "resnet20" in args.models:
+      p.error("--jaxpruner: jaxpruner's SET fails on unmasked leaves (ResNet-20's BatchNorm); "
+              "use --models lenet300 mlp10m")
+    if not os.path.isfile(os.path.join(args.jaxpruner, "jaxpruner", "__init__.py")):
+      p.error(f"--jaxpruner: no jaxpruner package in {args.jaxpruner!r} (pass a checkout of "
+              "google-research/jaxpruner)")
   if args.llvm_modules and jax.default_backend() != "cpu":
     p.error(f"--llvm-modules counts XLA:CPU's modules; this backend is {jax.default_backend()}")
   rows = []
   for m in args.models:
-    rows.append(measure(m, tuple(args.methods), args.repeats))
+    rows.append(measure(m, tuple(args.methods), args.repeats, args.jaxpruner))
     if args.llvm_modules:
       for name, row in rows[-1]["methods"].items():
-        row.update(llvm_modules(m, name))
+        row.update(llvm_modules(m, name, args.jaxpruner))
     print(json.dumps(rows[-1]), flush=True)
   print(markdown(rows))
   if args.out:

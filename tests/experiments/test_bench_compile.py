@@ -60,3 +60,22 @@ def test_counts_the_llvm_modules_of_a_step_in_a_child_process():
                      for n, m in (("dense", 20), ("set", 70))}}
   table = bench_compile.markdown([row])
   assert "| LLVM modules | modules / dense |" in table and "| 70 | 3.5x | 0.50 |" in table
+
+
+def test_jaxpruner_peer_arguments_are_checked(tmp_path, capsys):
+  """``--jaxpruner`` names what is wrong before anything is compiled: ResNet-20 (jaxpruner's
+  SET fails on its unmasked BatchNorm leaves) or a folder without jaxpruner; the peer's step
+  needs its checkout."""
+  import pytest
+  with pytest.raises(SystemExit):
+    bench_compile.main(["--models", "resnet20", "--jaxpruner", str(tmp_path)])
+  assert "--jaxpruner: jaxpruner's SET fails on unmasked leaves" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench_compile.main(["--models", "lenet300", "--jaxpruner", str(tmp_path)])
+  assert f"--jaxpruner: no jaxpruner package in {str(tmp_path)!r}" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="method 'jaxpruner_set' needs jaxpruner_dir"):
+    bench_compile.step_of("lenet300", bench_compile.PEER)
+  # with the peer, every step's model is without biases (jaxpruner's SET masks every leaf)
+  step, (params, _, _) = bench_compile.step_of("lenet300", "dense", jaxpruner_dir=str(tmp_path))
+  import jax
+  assert all(path[-1].key == "kernel" for path, _ in jax.tree_util.tree_leaves_with_path(params))
