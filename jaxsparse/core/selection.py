@@ -142,7 +142,12 @@ def _cpu_prefix_sum(x: jax.Array) -> jax.Array:
 
 def prefix_sum(x: jax.Array) -> jax.Array:
   """Exact inclusive prefix sum of a 1-D int32 array (a cumsum; on CPU by dots)."""
-  return cpu_or_default(_cpu_prefix_sum, lambda x: jnp.cumsum(x, dtype=x.dtype), x)
+  return cpu_or_default(functools.partial(_prefix_sum, cpu=True),
+                        functools.partial(_prefix_sum, cpu=False), x)
+
+
+def _prefix_sum(x: jax.Array, cpu: bool) -> jax.Array:
+  return _cpu_prefix_sum(x) if cpu else jnp.cumsum(x, dtype=x.dtype)
 
 
 # The helpers below take the platform choice as a static ``cpu`` flag: a whole selection
@@ -239,11 +244,17 @@ def _count_segments(flat: jax.Array, n: Sequence[int]) -> jax.Array:
   (of sizes ``n``): on CPU in one pass (:func:`_cpu_count_segments`: a fixed number of kernels
   however many segments, where a sum per segment is two or three kernels each), elsewhere one
   sum per segment."""
-  ends = np.cumsum(n)
-  def default(flat):
-    return jnp.stack([jnp.sum(flat[e - m:e], dtype=jnp.int32) for m, e in zip(n, ends)])
-  return cpu_or_default(lambda flat: _cpu_count_segments(flat, n), default,
+  return cpu_or_default(functools.partial(_count_segments_on, n=n, cpu=True),
+                        functools.partial(_count_segments_on, n=n, cpu=False),
                         flat.astype(jnp.int32))
+
+
+def _count_segments_on(flat: jax.Array, n: Sequence[int], cpu: bool) -> jax.Array:
+  """:func:`_count_segments` in the branch ``cpu`` says (an int32 ``flat``)."""
+  if cpu:
+    return _cpu_count_segments(flat, n)
+  ends = np.cumsum(n)
+  return jnp.stack([jnp.sum(flat[e - m:e], dtype=jnp.int32) for m, e in zip(n, ends)])
 
 
 def _cpu_count_segments(flat: jax.Array, n: Sequence[int]) -> jax.Array:
@@ -638,11 +649,16 @@ def random_bits_each(keys: Sequence[jax.Array], sizes: Sequence[int]) -> list[ja
       or not all(jnp.issubdtype(jnp.result_type(k), jax.dtypes.prng_key) and jnp.shape(k) == ()
                  and str(jax.random.key_impl(k)) == "threefry2x32" for k in keys)):
     return one_by_one()
+  def layout(data, cpu):   # each entry's key words and counter
+    ids = _segment_ids(sizes, cpu)
+    at = lambda values, dtype=None: _lookup(values, ids, cpu, dtype)
+    return (at(data[:, 0]), at(data[:, 1]),
+            lax.iota(jnp.uint32, sum(sizes)) - at(np.cumsum(sizes) - sizes, jnp.uint32))
+
   data = jnp.stack([jax.random.key_data(k) for k in keys])     # uint32[len(keys), 2]
-  ids = segment_ids(sizes)
-  counter = lax.iota(jnp.uint32, sum(sizes)) - lookup(np.cumsum(sizes) - sizes, ids, jnp.uint32)
-  hi, lo = threefry2x32_p.bind(lookup(data[:, 0], ids), lookup(data[:, 1], ids),
-                               jnp.zeros_like(counter), counter)
+  k1, k2, counter = cpu_or_default(functools.partial(layout, cpu=True),
+                                   functools.partial(layout, cpu=False), data)
+  hi, lo = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counter), counter)
   ends = np.cumsum(sizes)
   out = hi ^ lo
   return [out[e - m:e] for m, e in zip(sizes, ends)]
@@ -666,16 +682,17 @@ def segment_ids(sizes: Sequence[int]) -> jax.Array:
   sizes = [int(m) for m in sizes]
   if not sizes or min(sizes) < 0:
     raise ValueError(f"sizes: one or more non-negative sizes, got {sizes}")
-  ends = np.cumsum(sizes)
+  return cpu_or_default(functools.partial(_segment_ids, sizes, cpu=True),
+                        functools.partial(_segment_ids, sizes, cpu=False))
 
-  def compares():
+
+def _segment_ids(sizes: Sequence[int], cpu: bool) -> jax.Array:
+  """:func:`segment_ids` (valid ``sizes``) in the branch ``cpu`` says."""
+  ends = np.cumsum(sizes)
+  if cpu:
     i = lax.iota(jnp.int32, int(ends[-1]))
     return sum(((i >= e).astype(jnp.int32) for e in ends[:-1]), jnp.zeros_like(i))
-
-  def broadcasts():
-    return jnp.concatenate([jnp.full((m,), s, jnp.int32) for s, m in enumerate(sizes)])
-
-  return cpu_or_default(compares, broadcasts)
+  return jnp.concatenate([jnp.full((m,), s, jnp.int32) for s, m in enumerate(sizes)])
 
 
 def lookup(values, ids: jax.Array, dtype=None) -> jax.Array:
@@ -689,35 +706,44 @@ def lookup(values, ids: jax.Array, dtype=None) -> jax.Array:
   values = jnp.asarray(values, dtype)
   if values.ndim != 1 or jnp.ndim(ids) != 1:
     raise ValueError(f"values and ids: 1-D, got shapes {values.shape} and {jnp.shape(ids)}")
+  return cpu_or_default(functools.partial(_lookup, cpu=True), functools.partial(_lookup, cpu=False),
+                        values, ids)
 
-  def selects(values, ids):
+
+def _lookup(values, ids: jax.Array, cpu: bool, dtype=None) -> jax.Array:
+  """:func:`lookup` (1-D ``values`` and ``ids``) in the branch ``cpu`` says."""
+  values = jnp.asarray(values, dtype)
+  if cpu:
     out = jnp.broadcast_to(values[0], ids.shape)
     for s in range(1, values.shape[0]):
       out = jnp.where(ids >= s, values[s], out)
     return out
-
-  def gather(values, ids):
-    dims = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
-                                      start_index_map=(0,))
-    return lax.gather(values, ids[:, None], dims, (1,),
-                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-
-  return cpu_or_default(selects, gather, values, ids)
+  dims = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+  return lax.gather(values, ids[:, None], dims, (1,), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 @functools.partial(jax.jit, static_argnames=("sizes", "n"), inline=True)  # see _select_jit
 def _random_positions_jit(key, k, flat, bits, *, sizes, n):
   """:func:`random_k_positions_each` on ``flat``, the allowed arrays (of sizes ``n``)
-  concatenated; ``bits``: the draws' bits, or None to draw them from ``key``."""
+  concatenated; ``bits``: the draws' bits, or None to draw them from ``key``. One platform
+  switch for all of it (its helpers follow the branch), not one per lookup: each switch is
+  8 ops in a GPU or TPU program."""
+  positions = functools.partial(_random_positions, sizes=sizes, n=n)
+  return cpu_or_default(functools.partial(positions, cpu=True),
+                        functools.partial(positions, cpu=False), key, k, flat, bits)
+
+
+def _random_positions(key, k, flat, bits, *, sizes, n, cpu):
   draws = _draws(n, sizes)
   n = np.array(n)
   offsets = np.concatenate([[0], np.cumsum(n)])
   starts = np.concatenate([[0], np.cumsum(draws)])
   slot_starts = np.concatenate([[0], np.cumsum(sizes)])
-  draw_leaf, slot_leaf = segment_ids(draws), segment_ids(sizes)   # each draw's, slot's array
-  per_draw = lambda values, dtype=jnp.int32: lookup(values, draw_leaf, dtype)
-  per_slot = lambda values: lookup(values, slot_leaf, jnp.int32)
-  k = jnp.clip(k, 0, jnp.minimum(jnp.asarray(sizes, jnp.int32), _count_segments(flat, n)))
+  draw_leaf, slot_leaf = _segment_ids(draws, cpu), _segment_ids(sizes, cpu)  # each draw's, slot's array
+  per_draw = lambda values, dtype=jnp.int32: _lookup(values, draw_leaf, cpu, dtype)
+  per_slot = lambda values: _lookup(values, slot_leaf, cpu, jnp.int32)
+  k = jnp.clip(k, 0, jnp.minimum(jnp.asarray(sizes, jnp.int32),
+                                 _count_segments_on(flat.astype(jnp.int32), n, cpu)))
   order = jnp.arange(starts[-1], dtype=jnp.int32)
   # Uniform draws in [0, n) from 32 random bits: ``bits % n``, exactly uniform on the draws
   # with ``bits < (2**32 // n) * n`` (the others, a fraction below n / 2**32, are rejected
@@ -732,7 +758,7 @@ def _random_positions_jit(key, k, flat, bits, *, sizes, n):
   first = jnp.full((offsets[-1],), starts[-1], jnp.int32).at[c].min(order, mode="drop")
   ok = (first.at[c].get(mode="fill", fill_value=-1) == order) & flat.at[c].get(
       mode="fill", fill_value=False)
-  total = prefix_sum(ok.astype(jnp.int32))
+  total = _prefix_sum(ok.astype(jnp.int32), cpu)
   before = jnp.concatenate([jnp.zeros(1, jnp.int32), total[starts[1:-1] - 1]])
   at_end = total[starts[1:] - 1] - before          # distinct allowed draws of each array
   rank = total - per_draw(before)
@@ -748,7 +774,7 @@ def _random_positions_jit(key, k, flat, bits, *, sizes, n):
     # one sort by (array, not allowed, bits): rare, so its O(n log n) does not matter,
     # and it compiles to a handful of ops. Array i's entries sort into its own range.
     bits = jax.random.bits(jax.random.fold_in(key, 1), flat.shape, jnp.uint32)
-    *_, idx = lax.sort((segment_ids(n), ~flat, bits, jnp.arange(offsets[-1], dtype=jnp.int32)),
+    *_, idx = lax.sort((_segment_ids(n, cpu), ~flat, bits, jnp.arange(offsets[-1], dtype=jnp.int32)),
                        num_keys=3)
     # Slot j of array i takes the j-th entry of its sorted range while j < min(k[i], n[i]),
     # else the filler: one gather over all slots, not a slice per array.
