@@ -468,6 +468,11 @@ def test_positions_from_the_callers_bits_are_the_same():
   each = jax.jit(topk.random_k_positions_each, static_argnums=3)
   for got, want in zip(each(key, k, allowed, sizes, bits=bits), each(key, k, allowed, sizes)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # the draws come from bits, not key (with 80% allowed, the fallback, seeded by key, is not run)
+  other = jax.random.key(12)
+  bits_other = jax.random.bits(other, bits.shape, jnp.uint32)
+  for got, want in zip(each(key, k, allowed, sizes, bits=bits_other), each(other, k, allowed, sizes)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with pytest.raises(ValueError, match=r"bits: uint32 of shape \(2528,\) \(position_draws\(n, "
                                        r"sizes\)\), got uint32 of shape \(2527,\)"):
     topk.random_k_positions_each(key, k, allowed, sizes, bits=bits[:-1])
