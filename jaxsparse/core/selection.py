@@ -631,37 +631,40 @@ def _check_bits(bits, n, sizes):
 
 def random_bits_each(keys: Sequence[jax.Array], sizes: Sequence[int]) -> list[jax.Array]:
   """``[jax.random.bits(key, (n,), jnp.uint32) for key, n in zip(keys, sizes)]``, the same bits,
-  from one threefry hash over all of them.
+  on GPU and TPU from one threefry hash over all of them.
 
-  Each call of jax's threefry is a hash of its own in the program: unrolled into ~220 ops on
-  GPU and TPU, a loop of 4-5 kernels to compile on CPU (50-180 ms of a CPU compile apiece).
-  jax's threefry bits for ``(key, n)`` are the hash of ``(key, counter i)`` for i < n (with
-  ``jax_threefry_partitionable``, jax's default), so several draws are one hash over their
-  keys and counters laid end to end. With another key implementation, or that flag off, the
-  draws are made one by one (the same bits either way).
+  Each call of jax's threefry is a hash of its own in the program, unrolled into ~220 ops on
+  GPU and TPU. jax's threefry bits for ``(key, n)`` are the hash of ``(key, counter i)`` for
+  i < n (with ``jax_threefry_partitionable``, jax's default), so several draws are one hash
+  over their keys and counters laid end to end. On CPU, where XLA runs the hash as a loop,
+  the draws stay one by one: there the merged hash saved no kernel to compile (SET's
+  LeNet-300-100 step had 175 either way), and its per-entry key arrays are memory traffic the
+  loop does not need. With another key implementation, or that flag off, the draws are made
+  one by one everywhere.
   """
   keys, sizes = list(keys), [int(m) for m in sizes]
   if len(keys) != len(sizes) or not keys or min(sizes) < 0:
     raise ValueError(f"keys and sizes: as many keys as sizes (>= 0), got {len(keys)} keys and "
                      f"sizes {sizes}")
-  one_by_one = lambda: [jax.random.bits(k, (m,), jnp.uint32) for k, m in zip(keys, sizes)]
   if (not jax.config.jax_threefry_partitionable
       or not all(jnp.issubdtype(jnp.result_type(k), jax.dtypes.prng_key) and jnp.shape(k) == ()
                  and str(jax.random.key_impl(k)) == "threefry2x32" for k in keys)):
-    return one_by_one()
-  def layout(data, cpu):   # each entry's key words and counter
-    ids = _segment_ids(sizes, cpu)
-    at = lambda values, dtype=None: _lookup(values, ids, cpu, dtype)
-    return (at(data[:, 0]), at(data[:, 1]),
-            lax.iota(jnp.uint32, sum(sizes)) - at(np.cumsum(sizes) - sizes, jnp.uint32))
+    return [jax.random.bits(k, (m,), jnp.uint32) for k, m in zip(keys, sizes)]
 
-  data = jnp.stack([jax.random.key_data(k) for k in keys])     # uint32[len(keys), 2]
-  k1, k2, counter = cpu_or_default(functools.partial(layout, cpu=True),
-                                   functools.partial(layout, cpu=False), data)
-  hi, lo = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counter), counter)
-  ends = np.cumsum(sizes)
-  out = hi ^ lo
-  return [out[e - m:e] for m, e in zip(sizes, ends)]
+  def one_by_one(data):
+    return [jax.random.bits(jax.random.wrap_key_data(d, impl="threefry2x32"), (m,), jnp.uint32)
+            for d, m in zip(data, sizes)]
+
+  def one_hash(data):   # each entry's key words and counter, then one hash
+    ids = _segment_ids(sizes, cpu=False)
+    at = lambda values, dtype=None: _lookup(values, ids, False, dtype)
+    counter = lax.iota(jnp.uint32, sum(sizes)) - at(np.cumsum(sizes) - sizes, jnp.uint32)
+    hi, lo = threefry2x32_p.bind(at(data[:, 0]), at(data[:, 1]), jnp.zeros_like(counter), counter)
+    ends = np.cumsum(sizes)
+    return [(hi ^ lo)[e - m:e] for m, e in zip(sizes, ends)]
+
+  return cpu_or_default(one_by_one, one_hash,
+                        jnp.stack([jax.random.key_data(k) for k in keys]))   # uint32[keys, 2]
 
 
 def _concat_flat(xs: Sequence[jax.Array]) -> jax.Array:

@@ -419,8 +419,9 @@ def test_random_positions_take_the_rejection_draws_for_any_size(n):
 
 @pytest.mark.parametrize("sizes", [[5, 0, 70_001], [1], [3, 3]])
 def test_random_bits_each_are_jax_draws_in_one_hash(sizes, branch):
-  """``random_bits_each`` gives each key's ``jax.random.bits`` exactly, in both branches, and
-  the program holds one threefry hash for all draws (each hash: ~220 ops on GPU)."""
+  """``random_bits_each`` gives each key's ``jax.random.bits`` exactly, in both branches; the
+  GPU/TPU program holds one threefry hash for all draws (each hash: ~220 ops on GPU), the CPU
+  program one per draw (jax's own), unless the GPU/TPU branch is forced on it."""
   from jaxsparse.analysis import lowering
   keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(len(sizes))]
   draw = jax.jit(lambda ks: topk.random_bits_each(ks, sizes))
@@ -431,7 +432,8 @@ def test_random_bits_each_are_jax_draws_in_one_hash(sizes, branch):
   for platform in ("cpu", "cuda"):
     text = str(lowering.lower(draw, keys, platform=platform))
     hashes = text.count("func.func private @threefry2x32")
-    assert hashes == 1, (platform, hashes)
+    one = platform == "cuda" or branch == "gpu_tpu_branch"
+    assert hashes == (1 if one else len(set(sizes))), (platform, hashes)
     one_each = str(lowering.lower(lambda ks: [jax.random.bits(k, (n,), jnp.uint32)
                                               for k, n in zip(ks, sizes)], keys, platform=platform))
     assert one_each.count("func.func private @threefry2x32") == len(set(sizes))
