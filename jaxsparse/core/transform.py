@@ -193,6 +193,8 @@ def normal_bf16(bits: jax.Array) -> jax.Array:
   7 of them as the mantissa of a float in [1, 2), moved to [nextafter(-1, 0), 1); then
   ``sqrt(2) erf_inv(u)``, all in bfloat16. (A test checks it against jax's own draw.)
   """
+  if jnp.result_type(bits) != jnp.uint32:
+    raise ValueError(f"bits: jax.random.bits' uint32 words, got dtype {jnp.result_type(bits)}")
   bf16 = jnp.bfloat16
   lo = np.nextafter(np.array(-1.0, bf16), np.array(0.0, bf16), dtype=bf16)
   one = np.array(1.0, bf16)
@@ -212,6 +214,9 @@ def draw_regrowth(regrowth: Any, key: jax.Array, shape: tuple, dtype: Any, scale
     # bfloat16 draws take half the random bits of float32 ones (the threefry hash dominates
     # the cost of an update), and their 8-bit mantissa is finer than the int8 codes the
     # values travel in (steps of 4 / 126 standard deviations).
+    if bits is not None and jnp.size(bits) != int(np.prod(shape)):
+      raise ValueError(f"bits: one word per value of shape {tuple(shape)}, got shape "
+                       f"{jnp.shape(bits)}")
     z = (jax.random.normal(key, shape, jnp.bfloat16) if bits is None else
          normal_bf16(jnp.reshape(bits, shape)))
     return (scale * z.astype(jnp.float32)).astype(dtype)

@@ -313,6 +313,20 @@ def test_normal_bf16_from_bits_is_jax_normal(seed):
   np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
 
 
+def test_normal_bf16_and_draw_regrowth_name_bad_bits():
+  from jaxsparse.core import transform
+  with pytest.raises(ValueError, match=r"bits: jax.random.bits' uint32 words, got dtype int32"):
+    transform.normal_bf16(jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"bits: one word per value of shape \(2, 3\), got shape \(5,\)"):
+    transform.draw_regrowth("init", jax.random.key(0), (2, 3), jnp.float32, jnp.float32(1.0),
+                            bits=jnp.zeros(5, jnp.uint32))
+  key = jax.random.key(4)   # bits of the right size: the values of the key itself
+  np.testing.assert_array_equal(
+      np.asarray(transform.draw_regrowth("init", key, (2, 3), jnp.float32, jnp.float32(0.5),
+                                         bits=jax.random.bits(key, (6,), jnp.uint32))),
+      np.asarray(transform.draw_regrowth("init", key, (2, 3), jnp.float32, jnp.float32(0.5))))
+
+
 @jax.jit
 def _normal_pair(key):
   from jaxsparse.core import transform
