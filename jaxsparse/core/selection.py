@@ -616,6 +616,10 @@ def _draws(n: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
 def position_draws(n: Sequence[int], sizes: Sequence[int]) -> int:
   """How many random 32-bit words :func:`random_k_positions_each` draws for arrays of sizes
   ``n`` with ``sizes`` slots each (the length of its ``bits``)."""
+  n, sizes = [int(m) for m in n], [int(m) for m in sizes]
+  if len(n) != len(sizes) or not n or min(n) < 1 or min(sizes) < 0:
+    raise ValueError(f"n and sizes: one non-empty array size and one slot count (>= 0) per "
+                     f"array, got n={n} and sizes={sizes}")
   return int(_draws(n, sizes).sum())
 
 

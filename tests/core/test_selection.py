@@ -478,6 +478,8 @@ def test_positions_from_the_callers_bits_are_the_same():
   with pytest.raises(ValueError, match=r"bits: uint32 of shape \(2528,\) \(position_draws\(n, "
                                        r"sizes\)\), got uint32 of shape \(2527,\)"):
     topk.random_k_positions_each(key, k, allowed, sizes, bits=bits[:-1])
+  with pytest.raises(ValueError, match=r"n and sizes: .* got n=\[300, 4096\] and sizes=\[40\]"):
+    topk.position_draws([300, 4096], [40])
   flat = jnp.concatenate(allowed)
   with pytest.raises(ValueError, match=r"bits: uint32 .* got int32 of shape \(2528,\)"):
     topk.random_k_positions_flat(key, k, flat, n, sizes, bits=bits.astype(jnp.int32))
