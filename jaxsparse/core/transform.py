@@ -220,6 +220,9 @@ def draw_regrowth(regrowth: Any, key: jax.Array, shape: tuple, dtype: Any, scale
     z = (jax.random.normal(key, shape, jnp.bfloat16) if bits is None else
          normal_bf16(jnp.reshape(bits, shape)))
     return (scale * z.astype(jnp.float32)).astype(dtype)
+  if bits is not None:
+    raise ValueError(f"bits: only regrowth='init' draws its values from given bits, got "
+                     f"regrowth={regrowth!r}")
   out = jnp.asarray(regrowth(key, shape, dtype))
   if out.shape != tuple(shape):
     raise ValueError(f"regrowth: the callable returned shape {out.shape}, expected {tuple(shape)} "

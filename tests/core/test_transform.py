@@ -320,6 +320,9 @@ def test_normal_bf16_and_draw_regrowth_name_bad_bits():
   with pytest.raises(ValueError, match=r"bits: one word per value of shape \(2, 3\), got shape \(5,\)"):
     transform.draw_regrowth("init", jax.random.key(0), (2, 3), jnp.float32, jnp.float32(1.0),
                             bits=jnp.zeros(5, jnp.uint32))
+  with pytest.raises(ValueError, match=r"bits: only regrowth='init' draws its values from given"):
+    transform.draw_regrowth(jax.nn.initializers.normal(), jax.random.key(0), (2, 3), jnp.float32,
+                            None, bits=jnp.zeros(6, jnp.uint32))
   key = jax.random.key(4)   # bits of the right size: the values of the key itself
   np.testing.assert_array_equal(
       np.asarray(transform.draw_regrowth("init", key, (2, 3), jnp.float32, jnp.float32(0.5),
