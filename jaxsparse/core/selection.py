@@ -462,7 +462,7 @@ def _select(keys: list[jax.Array], groups: list, oks: list[jax.Array], k: jax.Ar
 
   def body(carry):
     p, t_key, t_index, k_rem, k_all, fits = carry
-    shift = jnp.where(p % 2 == 0, 16, 0).astype(jnp.uint32)
+    shift = jnp.where(lax.rem(p, 2) == 0, 16, 0).astype(jnp.uint32)   # (p >= 0)
     digits, counted = [], []
     for key, i, g, ok in zip(keys, idx, groups, oks):
       match = (((key ^ _per_element(t_key, g)) & fixed_key[p]) == 0) & (
@@ -650,9 +650,7 @@ def random_bits_each(keys: Sequence[jax.Array], sizes: Sequence[int]) -> list[ja
   if len(keys) != len(sizes) or not keys or min(sizes) < 0:
     raise ValueError(f"keys and sizes: as many keys as sizes (>= 0), got {len(keys)} keys and "
                      f"sizes {sizes}")
-  if (not jax.config.jax_threefry_partitionable
-      or not all(jnp.issubdtype(jnp.result_type(k), jax.dtypes.prng_key) and jnp.shape(k) == ()
-                 and str(jax.random.key_impl(k)) == "threefry2x32" for k in keys)):
+  if not all(_hashable(k) for k in keys):
     return [jax.random.bits(k, (m,), jnp.uint32) for k, m in zip(keys, sizes)]
 
   def one_by_one(data):
@@ -669,6 +667,35 @@ def random_bits_each(keys: Sequence[jax.Array], sizes: Sequence[int]) -> list[ja
 
   return cpu_or_default(one_by_one, one_hash,
                         jnp.stack([jax.random.key_data(k) for k in keys]))   # uint32[keys, 2]
+
+
+def _hashable(key) -> bool:
+  """Whether ``jax.random.bits(key, ...)`` is the threefry hash of ``(key, counter i)``, which
+  this module may then compute itself: a typed scalar threefry key, with
+  ``jax_threefry_partitionable`` on (jax's default)."""
+  return (bool(jax.config.jax_threefry_partitionable)
+          and jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key) and jnp.shape(key) == ()
+          and str(jax.random.key_impl(key)) == "threefry2x32")
+
+
+def _bits_in_blocks(key, size: int, block: int, per_entry_keys: bool) -> jax.Array:
+  """``jax.random.bits(key, (size,), jnp.uint32)`` for a :func:`_hashable` key, hashed in
+  blocks of ``block`` words by one threefry call in a loop, so that this hash and another of
+  ``block`` words with the same key layout (scalar words as in ``jax.random.bits``, or one
+  word per entry as in :func:`random_bits_each`) are one hash body in a GPU or TPU program
+  (~220 ops each there)."""
+  data = jax.random.key_data(key)
+  words = [(jnp.full((block,), w) if per_entry_keys else w) for w in (data[0], data[1])]
+
+  def one(start):
+    hi, lo = threefry2x32_p.bind(*words, jnp.zeros((block,), jnp.uint32),
+                                 lax.iota(jnp.uint32, block) + start)
+    return hi ^ lo
+
+  blocks = -(-size // block)
+  if blocks == 1:
+    return one(jnp.uint32(0))[:size]
+  return lax.map(one, jnp.arange(blocks, dtype=jnp.uint32) * jnp.uint32(block)).reshape(-1)[:size]
 
 
 def _concat_flat(xs: Sequence[jax.Array]) -> jax.Array:
@@ -757,10 +784,11 @@ def _random_positions(key, k, flat, bits, *, sizes, n, cpu):
   # like repeats); cheaper to compile than jax.random.randint. The bound is compared as
   # ``bits <= bound - 1``: for n a power of two the bound is 2**32, which uint32 wraps to 0
   # (every draw was rejected, and every update of such a layer took the exact fallback's sort).
+  given = bits
   if bits is None:
     bits = jax.random.bits(key, order.shape, jnp.uint32)
   fair = bits <= per_draw(np.asarray((1 << 32) // n * n - 1, np.uint32), jnp.uint32)
-  local = (bits % per_draw(np.asarray(n, np.uint32), jnp.uint32)).astype(jnp.int32)
+  local = lax.rem(bits, per_draw(np.asarray(n, np.uint32), jnp.uint32)).astype(jnp.int32)
   c = jnp.where(fair, local + per_draw(offsets[:-1]), offsets[-1])
   first = jnp.full((offsets[-1],), starts[-1], jnp.int32).at[c].min(order, mode="drop")
   ok = (first.at[c].get(mode="fill", fill_value=-1) == order) & flat.at[c].get(
@@ -780,7 +808,15 @@ def _random_positions(key, k, flat, bits, *, sizes, n, cpu):
     # Per array, the k allowed positions of smallest random bits (ties: lower index), in
     # one sort by (array, not allowed, bits): rare, so its O(n log n) does not matter,
     # and it compiles to a handful of ops. Array i's entries sort into its own range.
-    bits = jax.random.bits(jax.random.fold_in(key, 1), flat.shape, jnp.uint32)
+    fallback_key = jax.random.fold_in(key, 1)
+    if cpu or not _hashable(key):
+      bits = jax.random.bits(fallback_key, flat.shape, jnp.uint32)
+    else:
+      # The same bits, in blocks as long as the fast path's hash (the caller's one hash over
+      # the draws and one word per slot, or the draws'): one hash body in the program, not two.
+      bits = _bits_in_blocks(fallback_key, int(offsets[-1]),
+                             int(starts[-1]) + (0 if given is None else int(slot_starts[-1])),
+                             per_entry_keys=given is not None)
     *_, idx = lax.sort((_segment_ids(n, cpu), ~flat, bits, jnp.arange(offsets[-1], dtype=jnp.int32)),
                        num_keys=3)
     # Slot j of array i takes the j-th entry of its sorted range while j < min(k[i], n[i]),

@@ -483,3 +483,48 @@ def test_positions_from_the_callers_bits_are_the_same():
   flat = jnp.concatenate(allowed)
   with pytest.raises(ValueError, match=r"bits: uint32 .* got int32 of shape \(2528,\)"):
     topk.random_k_positions_flat(key, k, flat, n, sizes, bits=bits.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("size,block", [(7, 7), (5, 9), (4097, 1000), (3000, 1000)])
+def test_bits_in_blocks_are_jax_draws(size, block):
+  """The exact fallback's bits on GPU and TPU, hashed in blocks (one block, a short one, a
+  ragged last block, whole blocks), are ``jax.random.bits`` for the same key, with either key
+  layout."""
+  key = jax.random.key(5)
+  want = np.asarray(jax.random.bits(key, (size,), jnp.uint32))
+  for per_entry in (False, True):
+    got = jax.jit(topk._bits_in_blocks, static_argnums=(1, 2, 3))(key, size, block, per_entry)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_exact_fallback_is_the_same_in_both_branches(monkeypatch):
+  """With too few allowed positions for the fast path, the exact fallback runs: on GPU and TPU
+  it hashes its bits in blocks as long as the fast path's hash (one hash body in the program;
+  two blocks here), and must pick the same positions as on CPU, with and without the
+  caller's bits."""
+  rng = np.random.default_rng(3)
+  n, sizes, k = [4000, 300, 50], (10, 5, 3), jnp.array([10, 5, 3])
+  allowed = [np.zeros(m, bool) for m in n]
+  for a in allowed:
+    a[rng.choice(a.size, 12, replace=False)] = True    # 12 allowed of 4,000: the fallback runs
+  allowed = [jnp.asarray(a) for a in allowed]
+  key = jax.random.key(4)
+  draws = topk.position_draws(n, sizes)
+  assert -(-sum(n) // (draws + sum(sizes))) == 2 and -(-sum(n) // draws) == 2
+
+  def both():
+    bits, _ = topk.random_bits_each([key, jax.random.key(1)], [draws, sum(sizes)])
+    each = jax.jit(topk.random_k_positions_each, static_argnums=3)
+    return ([np.asarray(o) for o in each(key, k, allowed, sizes)],
+            [np.asarray(o) for o in each(key, k, allowed, sizes, bits=bits)])
+
+  jax.clear_caches()
+  cpu = both()
+  monkeypatch.setattr(topk, "cpu_or_default", lambda cpu, default, *args: default(*args))
+  jax.clear_caches()
+  default = both()
+  jax.clear_caches()
+  for got, want in zip(default[0] + default[1], cpu[0] + cpu[1]):
+    np.testing.assert_array_equal(got, want)
+  for out, a, kk in zip(cpu[0], allowed, k):
+    assert len(set(out[:int(kk)].tolist())) == int(kk) and np.asarray(a)[out[:int(kk)]].all()
