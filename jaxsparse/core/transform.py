@@ -141,7 +141,9 @@ class MaskUpdate(NamedTuple):
       ``survivors``); ``None``: they start at zero.
     units: with ``grow_values="int8"``, a tree like the params of per-leaf
       scalars: the quantum of ``values``, which then start at
-      ``unit * clip(round(value / unit), -126, 126)`` (see :func:`sparse_transform`).
+      ``unit * clip(round(value / unit), -126, 126)`` (see :func:`sparse_transform`);
+      or, where a leaf of ``values`` is int8, at ``unit * value`` (codes in [-126, 126]
+      that the method quantised itself, as SET draws them: no rounding pass).
   """
   masks: Masks
   survivors: Masks
@@ -277,6 +279,8 @@ def _encode(survivors: Masks, grown: Masks | None, values: Params | None, units:
     if g is None:
       return jnp.where(s, jnp.int8(_SURVIVOR), jnp.int8(0)), jnp.ones([], jnp.float32)
     u = jnp.asarray(u, jnp.float32)
+    if jnp.result_type(v) == jnp.int8:   # codes already, in units u
+      return jnp.where(s, jnp.int8(_SURVIVOR), jnp.where(g, v, jnp.int8(0))), u
     u = jnp.where(u > 0, u, 1.0)
     q = jnp.clip(jnp.round(jnp.where(g & jnp.isfinite(v), v, 0).astype(jnp.float32) / u), -126, 126)
     return jnp.where(s, jnp.int8(_SURVIVOR), q.astype(jnp.int8)), u

@@ -269,7 +269,9 @@ def sparse_evolutionary_training(
     # regrowth; its weights and optimizer state carry over as in dense training.
     rewired = [j for j, i in enumerate(sparse) if x.aux.active[j].shape[0] < leaves[i].size]
     new, survivors, active = list(leaves), list(leaves), list(x.aux.active)
-    values = [jnp.zeros_like(w) if masks_lib.is_sparse(m) else jnp.zeros([], w.dtype)
+    # "init": int8 codes (see core.MaskUpdate.units); a callable: the params' dtype
+    code = jnp.int8 if regrowth == "init" else None
+    values = [jnp.zeros_like(w, code) if masks_lib.is_sparse(m) else jnp.zeros([], code or w.dtype)
               for m, w in zip(leaves, ws)]
     units = [jnp.ones([], jnp.float32) for _ in leaves]
     if rewired:
@@ -297,7 +299,7 @@ def sparse_evolutionary_training(
         if regrowth == "init":
           new[i] = out[n] != _REMOVED
           units[i] = x.aux.scale[j] * (4.0 / 126)
-          values[i] = jnp.where(kept[n] | ~new[i], 0, out[n]).astype(jnp.float32) * units[i]
+          values[i] = out[n]   # the int8 codes: the grown weights' are their values in units
         else:
           new[i] = out[n]
           if grow_values:

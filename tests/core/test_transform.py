@@ -336,3 +336,34 @@ def _normal_pair(key):
   shape = (3, 700)
   return (transform.normal_bf16(jax.random.bits(key, shape, jnp.uint32)),
           jax.random.normal(key, shape, jnp.bfloat16))
+
+
+@pytest.mark.parametrize("as_codes", [False, True])
+def test_int8_regrowth_values_as_floats_or_codes(as_codes):
+  """``grow_values="int8"``: a grown weight starts at ``unit * clip(round(value / unit), -126,
+  126)`` for float values, and at ``unit * value`` for int8 codes (SET's, quantised by the
+  method: no second rounding); survivors keep their values."""
+  unit = 0.1
+  codes = np.array([9, 9, 9, 9, 126, -7, 3, 0], np.int8)
+  floats = np.array([9, 9, 9, 9, 0.37, -0.04, 20.0, -0.26], np.float32)
+  want_grown = (codes[4:].astype(np.float32) * np.float32(unit) if as_codes else
+                np.clip(np.round(floats[4:] / np.float32(unit)), -126, 126) * np.float32(unit))
+
+  def update(x):
+    return js.core.transform.MaskUpdate(
+        {"w": jnp.ones(8, bool)}, x.masks, (),
+        {"w": jnp.asarray(codes if as_codes else floats)}, {"w": jnp.float32(unit)})
+
+  tx = js.sparse_transform(optax.sgd(0.0), init_masks=lambda p, key: ({"w": jnp.arange(8) < 4}, ()),
+                           update_masks=update, is_update_step=lambda step: step == 1,
+                           grow_values="int8")
+  params = {"w": jnp.arange(1.0, 9.0)}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(jax.tree.map(jnp.ones_like, p), s, p)))
+  for _ in range(2):
+    params, state = step(params, state)
+  w = np.asarray(params["w"])
+  np.testing.assert_array_equal(w[:4], [1.0, 2.0, 3.0, 4.0])
+  np.testing.assert_allclose(w[4:], want_grown, rtol=1e-6)
+  assert np.asarray(js.get_masks(state)["w"]).all()
