@@ -499,6 +499,10 @@ def _select_concatenated(keys, groups, oks, k, *, num_groups):
   flat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])
   if all(g is None for g in groups):
     g = None
+  elif all(isinstance(gi, int) for gi in groups):
+    # one group per array: read off each entry's array (fuses into its consumers, where a
+    # concatenation of broadcasts is one kernel per array to compile; see segment_ids)
+    g = _lookup(np.asarray(groups, np.int32), _segment_ids(sizes, cpu=True), cpu=True)
   else:
     g = jnp.concatenate([jnp.full(n, gi, jnp.int32) if isinstance(gi, int) else gi.reshape(-1)
                          for gi, n in zip(groups, sizes)])
