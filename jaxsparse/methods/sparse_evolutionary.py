@@ -81,12 +81,14 @@ class SETState(NamedTuple):
   """SET's ``aux`` state.
 
   Attributes:
-    active: per sparse leaf, the flat indices of its active weights (static
-      length nnz; a full leaf's are all its indices).
+    active: the flat indices of the active weights of every rewired leaf (a sparse leaf
+      below density 1), laid end to end in leaf order: one int32 array whose length is the
+      sum of their static nnz. One array, not one per leaf, so that an update writes one
+      output however many layers there are (on CPU each output is a kernel to compile).
     scale: per sparse leaf, the standard deviation of its initial weights
       (``regrowth="init"``); ``()`` otherwise.
   """
-  active: tuple
+  active: jax.Array
   scale: tuple = ()
 
 
@@ -137,27 +139,36 @@ def set_rewire_each(key: jax.Array, ws: Sequence[jax.Array], masks: Sequence[jax
   # compiles every kernel on its own, ~20 ms apiece). Elsewhere each layer keeps its own
   # arrays, so that a sharded leaf is never regathered. Both give the same masks, survivors
   # and indices.
-  args = (key, list(ws), list(masks), list(actives), drop_fraction, grow_codes, bits)
-  if not topk.concatenate_on_cpu(len(actives)):
-    return _rewire(*args, concat=False)
-  return topk.cpu_or_default(functools.partial(_rewire, concat=True),
-                             functools.partial(_rewire, concat=False), *args)
-
-
-def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, bits, *, concat: bool):
   sizes = [a.shape[0] for a in actives]
+  new, kept, new_active = _rewire_all(key, list(ws), list(masks), _concat(list(actives)),
+                                      drop_fraction, grow_codes, bits, sizes=sizes)
+  return new, kept, _split(new_active, sizes)
+
+
+def _rewire_all(key, ws, masks, active, drop_fraction, grow_codes, bits, *, sizes):
+  """:func:`set_rewire_each` on the layers' active indices laid end to end (``active``, layer
+  l's ``sizes[l]`` in order); returns the new indices the same way."""
+  args = (key, ws, masks, active, drop_fraction, grow_codes, bits)
+  if not topk.concatenate_on_cpu(len(sizes)):
+    return _rewire(*args, sizes=sizes, concat=False)
+  return topk.cpu_or_default(functools.partial(_rewire, sizes=sizes, concat=True),
+                             functools.partial(_rewire, sizes=sizes, concat=False), *args)
+
+
+def _rewire(key, ws, masks, active, drop_fraction, grow_codes, bits, *, sizes, concat: bool):
   n = [m.size for m in masks]
   leaf = topk.segment_ids(sizes)                                   # each slot's layer
   per_slot = lambda values: topk.lookup(values, leaf, jnp.int32)
   if concat:
     # flat index of every slot in the concatenation of the layers
-    at = _concat(actives) + per_slot(np.cumsum(n) - n)
+    at = active + per_slot(np.cumsum(n) - n)
     flat_masks = _concat([m.reshape(-1) for m in masks])
     values = _concat([w.reshape(-1) for w in ws]).at[at].get(mode="promise_in_bounds")
     drop = _concat(set_drop_each(_split(values, sizes), drop_fraction))  # each layer its own k
     kept_all = flat_masks.at[at].set(~drop, mode="promise_in_bounds")
     kept = _split(kept_all, n)
   else:
+    actives = _split(active, sizes)
     drops = set_drop_each([w.reshape(-1)[a] for w, a in zip(ws, actives)], drop_fraction)
     kept = [m.reshape(-1).at[a].set(~d) for m, a, d in zip(masks, actives, drops)]
     drop = _concat(drops)
@@ -170,8 +181,7 @@ def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, bits, *, concat:
   dropped_before = topk.prefix_sum(n_grow) - n_grow
   j = topk.prefix_sum(drop.astype(jnp.int32)) - 1 - per_slot(dropped_before)
   new_active = jnp.where(drop, grown_all[jnp.clip(per_slot(np.cumsum(sizes) - sizes) + j, 0,
-                                                  grown_all.shape[0] - 1)],
-                         _concat(actives))
+                                                  grown_all.shape[0] - 1)], active)
   if concat:
     # a grown slot's flat index in the concatenation; unfilled slots (index n_l) are dropped
     grown_at = jnp.where(grown_all < per_slot(n), grown_all + per_slot(np.cumsum(n) - n),
@@ -191,7 +201,7 @@ def _rewire(key, ws, masks, actives, drop_fraction, grow_codes, bits, *, concat:
       else:
         c = jnp.where(k, jnp.int8(127), jnp.int8(_REMOVED)).at[g].set(codes[i], mode="drop")
         new.append(c.reshape(masks[i].shape))
-  return (new, [k.reshape(m.shape) for k, m in zip(kept, masks)], _split(new_active, sizes))
+  return new, [k.reshape(m.shape) for k, m in zip(kept, masks)], new_active
 
 
 @renamed_kwargs(zeta="drop_fraction")
@@ -229,9 +239,9 @@ def sparse_evolutionary_training(
       :func:`jaxsparse.core.distributions.kept_counts`).
     seed: seed of the initial mask and of the random regrowth.
 
-  The state's ``aux`` is a :class:`SETState`: per sparse leaf the flat indices
-  of its active weights (static length nnz), which an update reads and rewrites
-  instead of scanning the whole leaf; masks and indices change together, so
+  The state's ``aux`` is a :class:`SETState`: the flat indices of the active
+  weights of every rewired leaf, end to end in one array, which an update reads and
+  rewrites instead of scanning the whole leaves; masks and indices change together, so
   edit neither by hand (start from given masks with :func:`jaxsparse.keep_masks`
   instead).
   """
@@ -244,20 +254,31 @@ def sparse_evolutionary_training(
   # core.sparse_transform: free off update steps); a callable's values exactly.
   grow_values = False if regrowth == "zero" else ("int8" if regrowth == "init" else True)
 
-  def init_masks(params, key):
-    counts = dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
-                              keep_dense=keep_dense, overrides=overrides)
-    masks = random_masks(params, counts, key)
-    # aux: the flat indices of the active weights of each sparse leaf (static
-    # length nnz), so that an update works on nnz values instead of n. nnz is
-    # counts[name] (random_masks keeps exactly that many), not a concrete sum
-    # of the mask, so init can be traced (jax.jit(tx.init, out_shardings=...)).
-    names = masks_lib.leaf_names(params)
-    sparse = [(n, p, m) for n, p, m in zip(names, jax.tree.leaves(params), jax.tree.leaves(masks))
+  def counts_of(params):
+    return dist.kept_counts(params, sparsity, distribution=distribution, filter=filter,
+                            keep_dense=keep_dense, overrides=overrides)
+
+  def rewired_slots(params, masks) -> list[tuple[int, int]]:
+    """``(j, nnz)`` of every rewired leaf, j its index among the sparse leaves (static: from
+    the shapes). A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop
+    and no regrowth; its weights and optimizer state carry over as in dense training."""
+    counts = counts_of(params)
+    sparse = [(n, m) for n, m in zip(masks_lib.leaf_names(params), jax.tree.leaves(masks))
               if masks_lib.is_sparse(m)]
-    active = tuple(jnp.nonzero(m.reshape(-1), size=counts[n])[0].astype(jnp.int32)
-                   for n, _, m in sparse)
-    scale = tuple(core.init_scale(p, m) for _, p, m in sparse) if regrowth == "init" else ()
+    return [(j, counts[n]) for j, (n, m) in enumerate(sparse) if counts[n] < jnp.size(m)]
+
+  def init_masks(params, key):
+    masks = random_masks(params, counts_of(params), key)
+    # aux: the flat indices of the active weights of the rewired leaves (static length
+    # nnz each), so that an update works on nnz values instead of n. nnz comes from the
+    # counts (random_masks keeps exactly that many), not a concrete sum of the mask, so init
+    # can be traced (jax.jit(tx.init, out_shardings=...)).
+    sparse = [(p, m) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks))
+              if masks_lib.is_sparse(m)]
+    active = [jnp.nonzero(sparse[j][1].reshape(-1), size=nnz)[0].astype(jnp.int32)
+              for j, nnz in rewired_slots(params, masks)]
+    active = _concat(active) if active else jnp.zeros([0], jnp.int32)
+    scale = tuple(core.init_scale(p, m) for p, m in sparse) if regrowth == "init" else ()
     return masks, SETState(active, scale)
 
   def update_masks(x: core.MaskUpdateInputs):
@@ -265,10 +286,9 @@ def sparse_evolutionary_training(
     leaves, treedef = jax.tree.flatten(x.masks)
     ws = jax.tree.leaves(x.params)
     sparse = [i for i, m in enumerate(leaves) if masks_lib.is_sparse(m)]
-    # A leaf at density 1 (e.g. capped by ER) has nothing to explore: no drop and no
-    # regrowth; its weights and optimizer state carry over as in dense training.
-    rewired = [j for j, i in enumerate(sparse) if x.aux.active[j].shape[0] < leaves[i].size]
-    new, survivors, active = list(leaves), list(leaves), list(x.aux.active)
+    rewiring = rewired_slots(x.params, x.masks)
+    rewired, slots = [j for j, _ in rewiring], [nnz for _, nnz in rewiring]
+    new, survivors, active = list(leaves), list(leaves), x.aux.active
     # "init": int8 codes (see core.MaskUpdate.units); a callable: the params' dtype
     code = jnp.int8 if regrowth == "init" else None
     values = [jnp.zeros_like(w, code) if masks_lib.is_sparse(m) else jnp.zeros([], code or w.dtype)
@@ -283,7 +303,6 @@ def sparse_evolutionary_training(
         # standard deviations, set in the scatter that grows the positions. Its bits and the
         # random positions' are one hash (each hash is ~220 ops on GPU, a loop of kernels to
         # compile on CPU); the same bits as two draws.
-        slots = [active[j].shape[0] for j in rewired]
         value_key = jax.random.fold_in(x.key, 1)
         bits, value_bits = topk.random_bits_each(
             [key, value_key], [topk.position_draws([leaves[i].size for i in idx], slots),
@@ -291,11 +310,10 @@ def sparse_evolutionary_training(
         z8 = core.draw_regrowth("init", value_key, (sum(slots),), jnp.float32, jnp.float32(1.0),
                                 bits=value_bits)
         grow_codes = jnp.clip(jnp.round(z8 * (126 / 4.0)), -126, 126).astype(jnp.int8)
-      out, kept, new_active = set_rewire_each(
-          key, [ws[i] for i in idx], [leaves[i] for i in idx],
-          [active[j] for j in rewired], z, grow_codes, bits=bits)
+      out, kept, active = _rewire_all(key, [ws[i] for i in idx], [leaves[i] for i in idx],
+                                      active, z, grow_codes, bits, sizes=slots)
       for n, (i, j) in enumerate(zip(idx, rewired)):
-        active[j], survivors[i] = new_active[n], kept[n]
+        survivors[i] = kept[n]
         if regrowth == "init":
           new[i] = out[n] != _REMOVED
           units[i] = x.aux.scale[j] * (4.0 / 126)
@@ -306,7 +324,7 @@ def sparse_evolutionary_training(
             values[i] = core.draw_regrowth(regrowth, jax.random.fold_in(x.key, (1 << 20) + i),
                                            ws[i].shape, ws[i].dtype, None)
     return core.MaskUpdate(jax.tree.unflatten(treedef, new), jax.tree.unflatten(treedef, survivors),
-                           SETState(tuple(active), x.aux.scale),
+                           SETState(active, x.aux.scale),
                            jax.tree.unflatten(treedef, values) if grow_values else None,
                            jax.tree.unflatten(treedef, units) if grow_values == "int8" else None)
 

@@ -40,10 +40,12 @@ def test_set_invariants_over_200_jitted_steps():
     assert counts == expected, t
     for p, m in sparse_leaves(params, masks):
       assert not np.any(np.asarray(p)[~np.asarray(m)]), f"masked weight non-zero at step {t}"
-    # SET's active-index lists stay in sync with the masks
-    sparse_masks = [m for m in jax.tree.leaves(masks) if m.ndim]
-    for idx, m in zip(js.get_sparse_state(state).aux.active, sparse_masks):
-      np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.flatnonzero(m))
+    # SET's active indices (the rewired leaves', end to end) stay in sync with the masks
+    rewired = [np.asarray(m) for m in jax.tree.leaves(masks) if m.ndim and not np.all(m)]
+    active = np.asarray(js.get_sparse_state(state).aux.active)
+    assert active.shape == (sum(int(m.sum()) for m in rewired),)
+    for idx, m in zip(np.split(active, np.cumsum([m.sum() for m in rewired])[:-1]), rewired):
+      np.testing.assert_array_equal(np.sort(idx), np.flatnonzero(m))
     diff = sum(int(np.sum(np.asarray(a) != np.asarray(b)))
                for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(masks)))
     if t % 10 == 0 and t > 0:  # the first update is one period in

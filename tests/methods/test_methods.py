@@ -66,7 +66,7 @@ def test_set_transform_one_update_by_hand():
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
   active = jnp.flatnonzero(mask, size=6).astype(jnp.int32)
   state = state._replace(masks={"w": mask, "b": state.masks["b"]},
-                         aux=state.aux._replace(active=(active,)))
+                         aux=state.aux._replace(active=active))
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = np.asarray(optax.apply_updates(params, updates)["w"])
   m = np.asarray(state.masks["w"])
@@ -76,7 +76,37 @@ def test_set_transform_one_update_by_hand():
   kept = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], bool)
   assert m.sum() == 6 and np.all(m[kept])
   np.testing.assert_array_equal(new, np.where(kept, np.asarray(w), 0.0))
-  np.testing.assert_array_equal(np.sort(np.asarray(state.aux.active[0])), np.flatnonzero(m))
+  np.testing.assert_array_equal(np.sort(np.asarray(state.aux.active)), np.flatnonzero(m))
+
+
+def test_set_state_holds_one_index_array_for_its_rewired_layers():
+  """SET keeps the active indices of every rewired layer in one int32 array, end to end in
+  leaf order (an update writes one output, not one per layer); a layer at density 1 is not
+  rewired and holds none. With four rewired layers the CPU program takes the concatenated
+  path; each layer's slots must stay its own active weights over the updates."""
+  import warnings
+  params = mlp_params(jax.random.key(0), sizes=(64, 48, 40, 32, 24, 10))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    counts = js.kept_counts(params, 0.5, distribution="er")
+  sizes = {name: int(np.prod(s)) for name, s in
+           zip(counts, [params[n.split("/")[0]]["kernel"].shape for n in counts])}
+  rewired = [n for n in counts if counts[n] < sizes[n]]
+  assert rewired == ["fc1/kernel", "fc2/kernel", "fc3/kernel", "fc4/kernel"]  # fc5 is full
+  tx = js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.5, update_period=2,
+                                       update_start=0)
+  step = make_step(tx)
+  state = tx.init(params)
+  for t, (x, y) in enumerate(batches(7)):
+    active = js.get_sparse_state(state).aux.active
+    assert active.dtype == jnp.int32 and active.shape == (sum(counts[n] for n in rewired),), t
+    masks = js.get_masks(state)
+    pieces = np.split(np.asarray(active), np.cumsum([counts[n] for n in rewired])[:-1])
+    for name, idx in zip(rewired, pieces):
+      m = np.asarray(masks[name.split("/")[0]]["kernel"]).reshape(-1)
+      np.testing.assert_array_equal(np.sort(idx), np.flatnonzero(m), err_msg=f"{name}, step {t}")
+    assert np.all(np.asarray(masks["fc5"]["kernel"]))
+    params, state = step(params, state, x, y)
 
 
 def test_gradual_pruning_follows_zhu_gupta_schedule():
