@@ -89,9 +89,7 @@ def test_set_state_holds_one_index_array_for_its_rewired_layers():
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     counts = js.kept_counts(params, 0.5, distribution="er")
-  sizes = {name: int(np.prod(s)) for name, s in
-           zip(counts, [params[n.split("/")[0]]["kernel"].shape for n in counts])}
-  rewired = [n for n in counts if counts[n] < sizes[n]]
+  rewired = [n for n in counts if counts[n] < params[n.split("/")[0]]["kernel"].size]
   assert rewired == ["fc1/kernel", "fc2/kernel", "fc3/kernel", "fc4/kernel"]  # fc5 is full
   tx = js.sparse_evolutionary_training(optax.sgd(0.05, momentum=0.9), 0.5, update_period=2,
                                        update_start=0)
